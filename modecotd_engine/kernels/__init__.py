@@ -1,0 +1,13 @@
+"""Ops of the engine: the gated multi-LoRA-expert linear layer and its backends."""
+
+from .ops import BACKENDS, BackendUnavailableError, check_mixture_args, lora_mixture
+from .reference import lora_mixture_loop, lora_mixture_torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "check_mixture_args",
+    "lora_mixture",
+    "lora_mixture_loop",
+    "lora_mixture_torch",
+]

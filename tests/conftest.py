@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny Llama-family student built in the test session (no hub, no real data)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Kernel tests run Triton's interpreter on CPU; it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def make_byte_tokenizer():
+    """A byte-level BPE tokenizer with no merges: every byte is one token, any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None
+    )
+
+
+def make_tiny_student(path: Path, seed: int = 0, **overrides) -> Path:
+    """Write a tiny random LlamaForCausalLM (safetensors) plus tokenizer to ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_byte_tokenizer()
+    cfg = dict(TINY_CONFIG, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory) -> Path:
+    """Path to a tiny random Llama student directory (config.json, model.safetensors, tokenizer)."""
+    return make_tiny_student(tmp_path_factory.mktemp("tiny_student") / "student")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return make_byte_tokenizer()
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
