@@ -1,0 +1,183 @@
+"""Injection: wrap a student's target linear modules so one call sets the gates for every layer.
+
+Each target ``nn.Linear`` is replaced by a :class:`MixtureLinear` that keeps the frozen Linear as
+``base`` and the bank's stacked LoRA tensors of that module, and calls
+:func:`modecotd_engine.kernels.lora_mixture`. All wrapped layers of a model share one
+:class:`GateState`, so ``handle.set_gates(g)`` once per batch routes every layer:
+
+* ``g`` (B, E): one gate row per sequence, broadcast over its tokens;
+* ``g`` (B, L, E): one gate row per token;
+* ``None`` (or an all-zero gate that needs no gradient): the frozen Linear runs alone, so the
+  model's logits are exactly the student's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels import lora_mixture
+from ..kernels.reference import MODES
+from .experts import ExpertBank, ExpertBankError
+
+
+@dataclass
+class GateState:
+    """Gates shared by every wrapped layer of one model."""
+
+    gates: torch.Tensor | None = None  # (B, E) per sequence or (B, L, E) per token
+    mode: str = "output"
+    backend: str = "auto"
+
+
+class MixtureLinear(nn.Module):
+    """A frozen Linear plus E gated LoRA experts.
+
+    Args:
+        base: the frozen nn.Linear (N, K).
+        lora_a: (E, r, K) parameter shared with the bank.
+        lora_b: (E, N, r) parameter shared with the bank.
+        scale: alpha / r.
+        state: the model-wide gate state.
+    """
+
+    def __init__(self, base: nn.Linear, lora_a: nn.Parameter, lora_b: nn.Parameter, scale: float,
+                 state: GateState):
+        super().__init__()
+        self.base = base
+        self.lora_a = lora_a
+        self.lora_b = lora_b
+        self.scale = scale
+        self.state = state
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.state.gates
+        if g is None:
+            return self.base(x)
+        if g.dim() == x.dim() - 1:
+            g = g.unsqueeze(-2).expand(*x.shape[:-1], g.shape[-1])  # (B, E) -> (B, L, E)
+        elif tuple(g.shape[:-1]) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"gates of shape {tuple(g.shape)} do not fit activations {tuple(x.shape)}: "
+                "give (B, E) per sequence or (B, L, E) per token"
+            )
+        return lora_mixture(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, g,
+                            self.scale, mode=self.state.mode, backend=self.state.backend)
+
+    def extra_repr(self) -> str:
+        e, r, _ = self.lora_a.shape
+        return f"in={self.in_features}, out={self.out_features}, experts={e}, rank={r}, scale={self.scale:g}"
+
+
+class MixtureHandle:
+    """The injected model's controls: gates, mode, LoRA parameters, and removal."""
+
+    def __init__(self, model: nn.Module, bank: ExpertBank, layers: dict[str, MixtureLinear], state: GateState):
+        self.model = model
+        self.bank = bank
+        self.layers = layers
+        self.state = state
+
+    def set_gates(self, gates: torch.Tensor | None) -> None:
+        """Set the gates every wrapped layer uses: (B, E), (B, L, E) or None."""
+        if gates is None:
+            self.state.gates = None
+            return
+        e = self.bank.num_experts
+        if gates.dim() not in (2, 3) or gates.shape[-1] != e:
+            raise ValueError(f"gates must be (B, {e}) or (B, L, {e}), got {tuple(gates.shape)}")
+        if not gates.requires_grad and not bool(gates.any()):
+            self.state.gates = None  # all zero: the frozen path, bit-exact
+            return
+        device = self.bank.lora_a[next(iter(self.bank.modules))].device
+        self.state.gates = gates.to(device)
+
+    @contextmanager
+    def gated(self, gates: torch.Tensor | None) -> Iterator[None]:
+        previous = self.state.gates
+        self.set_gates(gates)
+        try:
+            yield
+        finally:
+            self.state.gates = previous
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.state.mode = mode
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_a, layer.lora_b)]
+
+    def remove(self) -> nn.Module:
+        """Put the frozen Linears back; returns the model."""
+        for name, layer in self.layers.items():
+            parent, child = _parent(self.model, name)
+            setattr(parent, child, layer.base)
+        self.layers = {}
+        return self.model
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def inject_experts(
+    model: nn.Module,
+    bank: ExpertBank,
+    *,
+    mode: str = "output",
+    backend: str = "auto",
+    trainable: bool = False,
+) -> MixtureHandle:
+    """Wrap ``bank.modules`` of ``model`` with MixtureLinear layers sharing one gate state.
+
+    The bank's tensors are moved to the model's device and become the layers' parameters (the bank
+    dicts hold the same objects, so ``bank.save`` writes what was trained). Base weights stay frozen.
+
+    Args:
+        model: the student (its target modules must match the bank; checked).
+        bank: the expert bank.
+        mode: "output" or "weight" composition.
+        backend: kernel backend for :func:`lora_mixture`.
+        trainable: LoRA tensors require grad.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    bank.check_student(model)
+    state = GateState(mode=mode, backend=backend)
+    layers: dict[str, MixtureLinear] = {}
+    for name in bank.modules:
+        parent, child = _parent(model, name)
+        base = getattr(parent, child)
+        if isinstance(base, MixtureLinear):
+            raise ExpertBankError(f"module {name} already carries experts; remove the earlier injection first")
+        device = base.weight.device
+        a = nn.Parameter(bank.lora_a[name].detach().to(device), requires_grad=trainable)
+        b = nn.Parameter(bank.lora_b[name].detach().to(device), requires_grad=trainable)
+        bank.lora_a[name], bank.lora_b[name] = a, b
+        layer = MixtureLinear(base, a, b, bank.scale, state)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    return MixtureHandle(model, bank, layers, state)
