@@ -1,0 +1,193 @@
+"""Training throughput: the engine's distillation loop against PEFT + transformers Trainer.
+
+Both sides train the same experts on the same student, rank, targets and batches for the same number
+of steps. The engine trains every task's expert at once (one-hot gates, logits only at supervised
+positions); the baseline trains one PEFT LoRA adapter per task, one task after another, with the
+transformers Trainer (full-vocabulary logits at every position, as ``model(labels=...)`` computes).
+Reported: supervised tokens/s over the timed steps (the first step of each run is warm-up and not
+timed), peak memory, and the final loss of each side.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from ..engine.data import BatchPlan, tokenize_records
+from ..engine.distill import TrainConfig, lr_at
+from ..engine.experts import ExpertBank
+from ..engine.inject import inject_experts
+from ..engine.loss import supervised_loss
+from ..engine.student import load_student
+from ..engine.tasks import SEEN_TASKS, generate_records
+
+
+def _env(device: torch.device) -> dict:
+    import transformers
+
+    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
+    try:
+        import peft
+
+        info["peft"] = peft.__version__
+    except ImportError:
+        info["peft"] = None
+    return info
+
+
+def _plan(student, tasks, n_train, batch_size, max_len, seed):
+    examples = {t: tokenize_records(generate_records(t, n_train, seed), student.tokenizer, task=t,
+                                    max_len=max_len)[0] for t in tasks}
+    index = {t: i for i, t in enumerate(sorted(tasks))}
+    return BatchPlan(examples, batch_size=batch_size, seed=seed, task_index=index,
+                     pad_id=student.tokenizer.pad_token_id), index
+
+
+def _ours(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
+    model = student.model
+    names = sorted(index)
+    bank = ExpertBank.create(model, names, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets, seed=0)
+    handle = inject_experts(model, bank, trainable=True)
+    params = handle.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    model.train()
+    timed_tokens, timed_s, last = 0, 0.0, {}
+    for step in range(steps):
+        b = plan.batch(step)
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        handle.set_gates(torch.nn.functional.one_hot(b.task_ids, len(names)).float().to(device))
+        loss = supervised_loss(model, b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        last[names[int(b.task_ids[0])]] = float(loss)
+        if step > 0:
+            timed_tokens += b.num_tokens
+            timed_s += dt
+    model.eval()
+    handle.remove()
+    return {"tokens_per_s": timed_tokens / timed_s, "timed_tokens": timed_tokens, "timed_s": timed_s,
+            "final_loss_per_task": last}
+
+
+def _peft(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
+    """One PEFT adapter per task, trained with the transformers Trainer on that task's batches."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    names = sorted(index)
+    per_task: dict[str, list] = {n: [] for n in names}
+    for step in range(steps):  # the same batches the engine sees, split by task
+        b = plan.batch(step)
+        per_task[names[int(b.task_ids[0])]].append(b)
+
+    class _Timer(TrainerCallback):
+        def __init__(self):
+            self.t = []
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t.append([time.perf_counter(), None])
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.t[-1][1] = time.perf_counter()
+
+    class _Batches(torch.utils.data.Dataset):
+        def __init__(self, batches):
+            self.b = batches
+
+        def __len__(self):
+            return len(self.b)
+
+        def __getitem__(self, i):
+            b = self.b[i]
+            return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
+
+    timed_tokens, timed_s, last = 0, 0.0, {}
+    base = student.model
+    for name in names:
+        batches = per_task[name]
+        if not batches:
+            continue
+        lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets), lora_dropout=0.0)
+        model = get_peft_model(base, lcfg)
+        timer = _Timer()
+        args = TrainingArguments(
+            output_dir="/tmp/modecotd-bench-peft", per_device_train_batch_size=1, max_steps=len(batches),
+            learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio}, warmup_steps=min(cfg.warmup, len(batches)),
+            max_grad_norm=cfg.clip, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=device.type != "cuda", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=_Batches(batches),
+                          data_collator=lambda items: items[0], callbacks=[timer])
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        last[name] = losses[-1] if losses else None
+        for (t0, t1), b in list(zip(timer.t, batches))[1:]:
+            timed_tokens += b.num_tokens
+            timed_s += t1 - t0
+        base = model.unload()  # the frozen student without LoRA layers, for the next task
+    student.model = base
+    return {"tokens_per_s": timed_tokens / timed_s if timed_s else None, "timed_tokens": timed_tokens,
+            "timed_s": timed_s, "final_loss_per_task": last}
+
+
+def run_train_bench(out_dir: Path, *, student: str | None = None, steps: int = 20, batch_size: int = 8,
+                    quick: bool = False, dtype: str | None = None) -> dict:
+    """Measure both trainers side by side; write train-bench.json and train-bench.md into ``out_dir``."""
+    if quick:
+        steps = min(steps, 10)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    st = load_student(student, dtype=dtype)
+    device = st.device
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, warmup=2)
+    tasks = list(SEEN_TASKS)
+    plan, index = _plan(st, tasks, n_train=max(steps * batch_size, 64), batch_size=batch_size,
+                        max_len=cfg.max_len, seed=0)
+    ours = _ours(st, plan, index, cfg, steps, device)
+    try:
+        theirs = _peft(st, plan, index, cfg, steps, device)
+    except ImportError:
+        theirs = None
+    report = {"env": _env(device), "student": str(st.path), "dtype": str(st.dtype), "steps": steps,
+              "batch_size": batch_size, "rank": cfg.rank, "targets": list(cfg.targets), "tasks": tasks,
+              "ours": ours, "peft_trainer": theirs}
+    if theirs and theirs["tokens_per_s"]:
+        report["speedup"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    target = 2.0 if device.type == "cuda" else 1.5
+    lines = [
+        "# Training throughput: engine vs PEFT + Trainer", "",
+        f"{report['env']['date']}, {report['env']['device']}, torch {report['env']['torch']}, transformers "
+        f"{report['env']['transformers']}, peft {report['env']['peft']}; student {st.path.name} ({st.dtype}), "
+        f"{steps} steps of batch {batch_size}, rank {cfg.rank}, targets {', '.join(cfg.targets)}", "",
+        "| trainer | supervised tokens/s | timed tokens | timed s |", "|---|---:|---:|---:|",
+        f"| engine (all experts at once) | {ours['tokens_per_s']:.1f} | {ours['timed_tokens']} | {ours['timed_s']:.1f} |",
+    ]
+    if theirs:
+        lines.append(f"| PEFT + Trainer (one task after another) | {theirs['tokens_per_s']:.1f} | "
+                     f"{theirs['timed_tokens']} | {theirs['timed_s']:.1f} |")
+        lines += ["", f"speedup {report['speedup']:.2f}x (target >= {target}x on this device)", "",
+                  "final loss per task (engine / PEFT): " + ", ".join(
+                      f"{t} {ours['final_loss_per_task'].get(t, float('nan')):.3f} / "
+                      f"{(theirs['final_loss_per_task'].get(t) or float('nan')):.3f}" for t in sorted(index))]
+    (out_dir / "train-bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "train-bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report

@@ -1,0 +1,58 @@
+"""`modecotd-engine bench`: kernel and pipeline benchmarks, written as JSON/markdown/PNG reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="benchmark the kernels, training, mixing and inference against baselines",
+        description="Side-by-side measurements in one run (never timed tests). Each suite writes JSON and a "
+        "markdown table (and a PNG where a curve says more) into --out, with device, versions and date.",
+    )
+    sub = p.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    k = sub.add_parser("kernels", help="fused Triton op vs base GEMM (floor), grouped torch path, per-expert loop")
+    k.add_argument("--out", default="docs/bench/kernels", help="report directory")
+    k.add_argument("--quick", action="store_true", help="a small subset of shapes (minutes on CPU)")
+    k.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    t = sub.add_parser("train", help="distillation loop vs PEFT + transformers Trainer (supervised tokens/s)")
+    t.add_argument("--out", default="docs/bench/train", help="report directory")
+    t.add_argument("--student", default=None, help="student directory (default: the built-in student)")
+    t.add_argument("--steps", type=int, default=20, help="optimizer steps for each side")
+    t.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="student dtype")
+    t.add_argument("--quick", action="store_true", help="at most 10 steps")
+    m = sub.add_parser("mix", help="one search (budget 40) vs merging LoRA weights per candidate (the paper's way)")
+    m.add_argument("--out", default="docs/bench/mix", help="report directory")
+    m.add_argument("--student", default=None, help="student directory (default: the built-in student)")
+    m.add_argument("--quick", action="store_true", help="smaller budget")
+    i = sub.add_parser("infer", help="mixed-expert batched generation vs PEFT (tokens/s, time to first token)")
+    i.add_argument("--out", default="docs/bench/infer", help="report directory")
+    i.add_argument("--student", default=None, help="student directory (default: the built-in student)")
+    i.add_argument("--quick", action="store_true", help="fewer requests and tokens")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.suite == "kernels":
+        from ..bench.kernels import run_kernel_bench
+
+        run_kernel_bench(out, quick=args.quick, device=args.device)
+    elif args.suite == "train":
+        from ..bench.train import run_train_bench
+
+        run_train_bench(out, student=args.student, steps=args.steps, batch_size=args.batch_size,
+                        quick=args.quick, dtype=args.dtype)
+    elif args.suite == "mix":
+        from ..bench.mix import run_mix_bench
+
+        run_mix_bench(out, student=args.student, quick=args.quick)
+    elif args.suite == "infer":
+        from ..bench.infer import run_infer_bench
+
+        run_infer_bench(out, student=args.student, quick=args.quick)
+    print(f"report written under {out}")
+    return 0
