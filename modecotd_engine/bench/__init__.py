@@ -1,0 +1,1 @@
+"""Benchmarks of the engine; each module writes JSON + markdown + PNG reports (see ``kernels``)."""
