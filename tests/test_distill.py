@@ -33,7 +33,8 @@ def write_tasks(root: Path, n: int = 24) -> Path:
 
 def small_cfg(student: Path, data: Path, out: Path, **over) -> TrainConfig:
     base = dict(student=str(student), data=str(data), out=str(out), steps=12, batch_size=4, rank=4, alpha=8,
-                lr=5e-3, warmup=2, save_every=4, n_eval=0, max_len=64, progress=False, seed=0)
+                lr=5e-3, warmup=2, save_every=4, n_eval=0, max_len=64, progress=False, seed=0,
+                dtype="float32")
     base.update(over)
     return TrainConfig(**base)
 
@@ -124,7 +125,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_student_dir, tmp_path):
     data = write_tasks(tmp_path / "data", n=40)
     common = ["--student", str(tiny_student_dir), "--data", str(data), "--steps", "60", "--batch-size", "4",
               "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--save-every", "5", "--n-eval", "0",
-              "--max-len", "64", "--no-progress"]
+              "--max-len", "64", "--no-progress", "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ref = subprocess.run(_cli(*common, "--out", str(tmp_path / "ref")), env=env, capture_output=True, text=True)
     assert ref.returncode == 0, ref.stderr[-2000:]
@@ -157,7 +158,7 @@ def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):
     data = write_tasks(tmp_path / "data")
     common = ["--student", str(tiny_student_dir), "--data", str(data), "--steps", "6", "--batch-size", "4",
               "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--n-eval", "0", "--max-len", "64",
-              "--no-progress"]
+              "--no-progress", "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run(_cli(*common, "--out", str(tmp_path / "single")), env=env, capture_output=True,
                             text=True)

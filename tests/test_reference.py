@@ -7,7 +7,7 @@ import torch
 
 from modecotd_engine.kernels import (BackendUnavailableError, lora_mixture, lora_mixture_loop,
                                      lora_mixture_torch)
-from modecotd_engine.kernels.reference import LoraMixtureTorchFunction, one_hot_rows
+from modecotd_engine.kernels.reference import SPARSE_MIN_ROWS, LoraMixtureTorchFunction, one_hot_rows
 
 
 def make_gates(pattern: str, lead: tuple[int, ...], e: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,7 +73,8 @@ def test_gradcheck(mode):
 
 
 def test_sparse_path_is_taken_for_one_hot_without_gate_grad(monkeypatch):
-    """One-hot rows with no gate gradient run per active expert on its rows only."""
+    """One-hot rows with no gate gradient run per active expert on its rows only, when that pays:
+    one active expert at any size, several once there are SPARSE_MIN_ROWS rows."""
     calls = []
     original = LoraMixtureTorchFunction.forward
 
@@ -86,10 +87,36 @@ def test_sparse_path_is_taken_for_one_hot_without_gate_grad(monkeypatch):
     x = torch.randn(8, 5)
     w, a, bb = torch.randn(4, 5), torch.randn(3, 2, 5), torch.randn(3, 4, 2)
     g = torch.nn.functional.one_hot(torch.tensor([0, 0, 2, 2, 2, 1, 1, 0]), 3).float()
+    single = torch.nn.functional.one_hot(torch.full((8,), 2), 3).float()
+    lora_mixture(x, w, None, a, bb, single, 1.0, backend="torch")
     lora_mixture(x, w, None, a, bb, g, 1.0, backend="torch")
-    lora_mixture(x, w, None, a, bb, g.requires_grad_(True), 1.0, backend="torch")
+    big = torch.nn.functional.one_hot(torch.randint(0, 3, (SPARSE_MIN_ROWS,)), 3).float()
+    lora_mixture(torch.randn(SPARSE_MIN_ROWS, 5), w, None, a, bb, big, 1.0, backend="torch")
+    lora_mixture(x, w, None, a, bb, single.requires_grad_(True), 1.0, backend="torch")
     lora_mixture(x, w, None, a, bb, torch.full((8, 3), 0.3), 1.0, backend="torch")
-    assert calls == [True, False, False]
+    assert calls == [True, False, True, False, False]
+
+
+@pytest.mark.parametrize("pattern", ["onehot_distinct", "onehot_grouped", "onehot_identical"])
+def test_sparse_path_with_many_rows_matches_loop(pattern):
+    """The per-expert path over several experts' rows (index_select / index_add) against the oracle."""
+    gen = torch.Generator().manual_seed(7)
+    t, k, n, e, r = SPARSE_MIN_ROWS + 5, 9, 7, 4, 3
+    x = torch.randn(t, k, generator=gen, dtype=torch.float64)
+    w, b = torch.randn(n, k, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)
+    a = torch.randn(e, r, k, generator=gen, dtype=torch.float64)
+    bb = torch.randn(e, n, r, generator=gen, dtype=torch.float64)
+    g = make_gates(pattern, (t,), e, gen)
+    dy = torch.randn(t, n, generator=gen, dtype=torch.float64)
+    outs = {}
+    for name, fn in (("loop", lora_mixture_loop), ("grouped", lora_mixture_torch)):
+        leaves = [v.clone().requires_grad_(True) for v in (x, a, bb)]
+        y = fn(leaves[0], w, b, leaves[1], leaves[2], g, 0.75, "output")
+        y.backward(dy)
+        outs[name] = [y] + [v.grad for v in leaves]
+    for label, got, want in zip(["y", "dx", "da", "db"], outs["grouped"], outs["loop"]):
+        err = (got - want).abs()
+        assert err.max() <= 1e-10 * (1 + want.abs().max()), f"{label}: max err {err.max():.3e}, mean {err.mean():.3e}"
 
 
 def test_one_hot_rows():

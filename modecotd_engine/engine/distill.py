@@ -62,13 +62,13 @@ class TrainConfig:
     max_len: int = 256
     n_train: int = 200  # built-in tasks: training examples per task
     n_eval: int = 30  # held-out examples per task for the before/after table (0: skip)
-    eval_max_new_tokens: int = 128
+    eval_max_new_tokens: int = 64  # built-in outputs are <= 45 SmolLM2 tokens
     eval_batch_size: int = 32
     save_every: int = 50
     seed: int = 0
     missing_marker: str = "drop"
     device: str | None = None
-    dtype: str | None = None
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 math, else float32
     backend: str = "auto"
     eval_before: bool = True
     progress: bool = True
@@ -152,7 +152,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         print(f"run directory: {out}")
     device = torch.device(cfg.device) if cfg.device else _default_device(rank)
-    student = load_student(cfg.student, dtype=cfg.dtype, device=device)
+    dtype = _resolve_dtype(cfg.dtype, device)
+    student = load_student(cfg.student, dtype=dtype, device=device)
+    if main:
+        print(f"student: {student.path} ({dtype} on {device}; LoRA weights and optimizer state in float32)")
     model, tok = student.model, student.tokenizer
 
     task_files, eval_sets = _load_tasks(cfg, out, main)
@@ -184,7 +187,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     results_before = {}
     if main and cfg.n_eval and cfg.eval_before and start == 0:
-        results_before = _evaluate(model, tok, handle, bank, eval_sets, cfg, label="before")
+        results_before = _evaluate(model, tok, handle, bank, eval_sets, cfg, "before", out)
 
     # ---------------------------------------------------------------- loop
     metrics_path = out / "metrics.jsonl"
@@ -253,7 +256,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bank.save(bank_dir)
         _plot_losses(metrics_path, out / "loss.png")
         if cfg.n_eval:
-            results_after = _evaluate(model, tok, handle, bank, eval_sets, cfg, label="after")
+            results_after = _evaluate(model, tok, handle, bank, eval_sets, cfg, "after", out)
             result.accuracy_after = {t: r.accuracy for t, r in results_after.items()}
             result.accuracy_before = {t: r.accuracy for t, r in results_before.items()}
             result.table = _before_after_table(results_before, results_after)
@@ -323,7 +326,7 @@ def _report_data(task_files, tok_stats) -> None:
 
 
 # ---------------------------------------------------------------------- evaluation
-def _evaluate(model, tok, handle, bank, eval_sets, cfg, label):
+def _evaluate(model, tok, handle, bank, eval_sets, cfg, label, out: Path):
     from .evaluate import evaluate_many
     from .generate import GenerationConfig
 
@@ -335,6 +338,11 @@ def _evaluate(model, tok, handle, bank, eval_sets, cfg, label):
     with torch.no_grad():
         res = evaluate_many(model, tok, eval_sets, handle=handle, gates=gates, config=gen_cfg,
                             progress=cfg.progress)
+    pred_dir = out / f"predictions-{label}"
+    pred_dir.mkdir(exist_ok=True)
+    for t, r in res.items():  # what the student wrote, for reading the table's numbers
+        with open(pred_dir / f"{t}.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in r.predictions)
     print(f"held-out accuracy {label} training ({time.perf_counter() - t0:.0f} s): "
           + ", ".join(f"{t} {r.accuracy:.0%}" for t, r in res.items()))
     return res
@@ -449,6 +457,25 @@ def _default_device(rank: int) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run about
+    2x faster than fp32 (measured here: 78 vs 37 GFLOP/s for a (1024x576)x(576x1536) product on a
+    2-core AMD EPYC with avx512_bf16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _resolve_dtype(name: str | None, device: torch.device) -> str:
+    if name not in (None, "auto"):
+        return name
+    if device.type == "cuda" or cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
 
 
 def _all_reduce_sum(x: float) -> float:

@@ -9,11 +9,16 @@ Each target ``nn.Linear`` is replaced by a :class:`MixtureLinear` that keeps the
 * ``g`` (B, L, E): one gate row per token;
 * ``None`` (or an all-zero gate that needs no gradient): the frozen Linear runs alone, so the
   model's logits are exactly the student's.
+
+A layer may also carry a learned router ``R`` (E, K) (``handle.attach_router``): while it is
+attached, the layer computes its own per-token gates ``softmax(R x)`` (optionally top-k) through
+:func:`modecotd_engine.kernels.router.routed_lora_mixture` and ignores the shared gates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,7 +27,13 @@ from torch import nn
 
 from ..kernels import lora_mixture
 from ..kernels.reference import MODES
+from ..kernels.router import routed_lora_mixture
 from .experts import ExpertBank, ExpertBankError
+
+
+# A fresh router's logits have this standard deviation for unit-variance inputs: small enough that
+# the gates start near uniform (every expert gets gradient), large enough to break the symmetry.
+ROUTER_INIT_STD = 0.1
 
 
 @dataclass
@@ -53,6 +64,8 @@ class MixtureLinear(nn.Module):
         self.lora_b = lora_b
         self.scale = scale
         self.state = state
+        self.register_parameter("router", None)  # (E, K) while a router is attached
+        self.top_k = 0
 
     @property
     def in_features(self) -> int:
@@ -71,6 +84,10 @@ class MixtureLinear(nn.Module):
         return self.base.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.router is not None:
+            return routed_lora_mixture(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, self.router,
+                                       self.scale, top_k=self.top_k, mode=self.state.mode,
+                                       backend=self.state.backend)
         g = self.state.gates
         if g is None:
             return self.base(x)
@@ -86,7 +103,8 @@ class MixtureLinear(nn.Module):
 
     def extra_repr(self) -> str:
         e, r, _ = self.lora_a.shape
-        return f"in={self.in_features}, out={self.out_features}, experts={e}, rank={r}, scale={self.scale:g}"
+        routed = "" if self.router is None else f", router top_k={self.top_k}"
+        return f"in={self.in_features}, out={self.out_features}, experts={e}, rank={r}, scale={self.scale:g}{routed}"
 
 
 class MixtureHandle:
@@ -128,6 +146,75 @@ class MixtureHandle:
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_a, layer.lora_b)]
+
+    # ----------------------------------------------------------------- router
+    def attach_router(
+        self,
+        weights: Mapping[str, torch.Tensor] | None = None,
+        *,
+        top_k: int = 0,
+        trainable: bool = False,
+        seed: int = 0,
+        init_std: float = ROUTER_INIT_STD,
+    ) -> list[nn.Parameter]:
+        """Give every wrapped layer a router (E, K); the layers then compute their own gates.
+
+        Args:
+            weights: module name -> (E, K) router for EVERY wrapped module (e.g. a saved
+                ``router_state()``), or None for a fresh router: N(0, init_std^2 / K) entries, so the
+                logits start near zero and the gates near uniform whatever the hidden size.
+            top_k: 0 for dense softmax gates, k in 1..E to keep the k largest per token.
+            trainable: routers require grad (the experts keep their own requires_grad).
+            seed: seed of the fresh routers.
+            init_std: standard deviation of a fresh router's logits for unit-variance inputs.
+        Returns:
+            The router parameters, in the order of ``self.layers``.
+        """
+        e = self.bank.num_experts
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= e:
+            raise ValueError(f"top_k must be an int in 0..{e} (0 = dense softmax), got {top_k!r}")
+        if weights is not None:
+            unknown = sorted(set(weights) - set(self.layers))
+            missing = sorted(set(self.layers) - set(weights))
+            if unknown or missing:
+                raise ValueError(
+                    "router weights must cover exactly the wrapped modules: "
+                    + "; ".join(x for x in (f"unknown modules {unknown[:4]}" if unknown else "",
+                                            f"missing modules {missing[:4]}" if missing else "") if x)
+                )
+        gen = torch.Generator().manual_seed(seed)
+        params = {}
+        for name, layer in self.layers.items():  # validate every router before attaching any
+            k = layer.in_features
+            if weights is None:
+                t = torch.randn(e, k, generator=gen) * (init_std / math.sqrt(k))
+            else:
+                t = weights[name]
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != (e, k) or not t.is_floating_point():
+                    got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                    raise ValueError(f"router for module {name} must be a float tensor (E={e}, K={k}), got {got}")
+            params[name] = nn.Parameter(t.detach().to(device=layer.lora_a.device, dtype=layer.lora_a.dtype).clone(),
+                                        requires_grad=trainable)
+        for name, p in params.items():
+            self.layers[name].router, self.layers[name].top_k = p, top_k
+        return list(params.values())
+
+    def detach_router(self) -> None:
+        """Remove the routers: the layers go back to the shared gates."""
+        for layer in self.layers.values():
+            layer.router, layer.top_k = None, 0
+
+    @property
+    def has_router(self) -> bool:
+        return any(layer.router is not None for layer in self.layers.values())
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        return [layer.router for layer in self.layers.values() if layer.router is not None]
+
+    def router_state(self) -> dict[str, torch.Tensor]:
+        """Module name -> a detached CPU copy of its router (E, K); empty when none is attached."""
+        return {name: layer.router.detach().cpu().clone()
+                for name, layer in self.layers.items() if layer.router is not None}
 
     def remove(self) -> nn.Module:
         """Put the frozen Linears back; returns the model."""

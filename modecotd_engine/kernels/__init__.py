@@ -2,6 +2,7 @@
 
 from .ops import BACKENDS, BackendUnavailableError, check_mixture_args, lora_mixture
 from .reference import lora_mixture_loop, lora_mixture_torch
+from .router import routed_lora_mixture
 
 __all__ = [
     "BACKENDS",
@@ -10,4 +11,5 @@ __all__ = [
     "lora_mixture",
     "lora_mixture_loop",
     "lora_mixture_torch",
+    "routed_lora_mixture",
 ]

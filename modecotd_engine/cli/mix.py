@@ -1,0 +1,103 @@
+"""`modecotd-engine mix`: find how to combine a bank's experts for a target task from a few examples."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROUTER_DEFAULT_STEPS = 200
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "mix", help="combine the bank's experts for a target task (seen or unseen) from a few examples",
+        description="Adapt the expert bank to a target task from a handful of examples (shots): gradient-free "
+        "search over one weight per expert (the paper's method), gradient descent through the kernel's "
+        "gate gradient, a learned per-layer per-token router, or the uniform average. Writes a mixture "
+        "JSON file (and, for a router, NAME.router.safetensors beside it).",
+    )
+    p.add_argument("--bank", required=True, help="expert bank directory (experts.safetensors + experts.json)")
+    p.add_argument("--target", required=True, help="name of the target task (recorded in the mixture)")
+    p.add_argument("--shots", required=True,
+                   help="JSON/JSONL file of the target's examples in the training format "
+                   "(input; output = rationale, a line '-->', the answer and END)")
+    p.add_argument("--method", choices=["search", "gradient", "router", "uniform"], default="search",
+                   help="search: nevergrad NGOpt (the paper's); gradient: Adam through the gate gradient; "
+                   "router: per-layer per-token router trained on --router-data; uniform: 1/E each (default: search)")
+    p.add_argument("--mode", choices=["weight", "output"], default="weight",
+                   help="composition: weight = (sum w B)(sum w A), the paper's; output = sum w B A (default: weight)")
+    p.add_argument("--budget", type=int, default=None,
+                   help="search: candidate evaluations (forward passes over the shots); gradient: forward+backward "
+                   f"evaluations; router: training steps (default: 40, router {ROUTER_DEFAULT_STEPS})")
+    p.add_argument("--l1", type=float, default=0.05, help="L1 penalty on mean |w| added to the shots loss (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the search / router init and batches (default: 0)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (gradient: Adam on the weights, default 0.2; router: default 5e-3)")
+    p.add_argument("--student", default=None,
+                   help="student model directory (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="device for the student, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--router-data", default=None,
+                   help="directory of the seen tasks' training files (NAME.json/.jsonl), required by --method router")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="router: keep the k largest gates per token and renormalize (0 = dense softmax; default: 0)")
+    p.add_argument("--max-len", type=int, default=512, help="maximum tokens per example, prompt + output (default: 512)")
+    p.add_argument("--out", required=True, help="mixture JSON file to write")
+    p.add_argument("--export-peft", default=None,
+                   help="also write the mixture as a PEFT LoRA adapter directory (weight mode: merged A and B at "
+                   "rank r; output mode: exact rank E*r concatenation); not for router mixtures")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..engine.data import read_task_dir, read_task_file
+    from ..engine.experts import ExpertBank
+    from ..engine.mix import mix
+    from ..engine.mixture import save_mixture
+    from ..engine.student import load_student
+
+    if args.method == "router":
+        if not args.router_data:
+            raise ValueError("--method router needs --router-data DIR (the seen tasks' training files)")
+        if args.export_peft:
+            raise ValueError("--export-peft: a router mixture cannot be a PEFT adapter (its gates depend on each token)")
+    elif args.top_k:
+        raise ValueError("--top-k applies to --method router only")
+    budget = args.budget if args.budget is not None else (ROUTER_DEFAULT_STEPS if args.method == "router" else 40)
+    if budget < 1:
+        raise ValueError(f"--budget must be >= 1, got {budget}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the mixture JSON file to write")
+
+    shots = read_task_file(args.shots, require_marker=True, missing_marker="error").records
+    router_data = None
+    if args.method == "router":
+        router_data = {name: tf.records for name, tf in read_task_dir(args.router_data).items()}
+    student = load_student(args.student, device=args.device)
+    bank = ExpertBank.load(args.bank, student=student)
+
+    print(f"mix {args.target}: {args.method}, {args.mode} composition, {bank.num_experts} experts "
+          f"({', '.join(bank.names)}), {len(shots)} shots, budget {budget}")
+    if router_data is not None:
+        print(f"router data: {', '.join(f'{t} ({len(r)})' for t, r in router_data.items())}")
+    m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
+            target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
+            bank_dir=args.bank)
+    info = m.info
+    print(f"shots loss (mean CE over {info['shots_tokens']} supervised tokens): before {m.shots_loss_before:.4f} "
+          f"-> after {m.shots_loss_after:.4f}")
+    if args.method in ("search", "gradient", "uniform"):
+        print(f"objective (loss + {args.l1:g} * mean|w|): {info['objective_before']:.4f} -> "
+              f"{info['objective_after']:.4f}")
+    print(f"{m.evaluations} evaluations in {info['seconds']:.1f} s")
+    label = "mean routed gate on the shots" if args.method == "router" else "weights"
+    print(f"{label}:")
+    width = max(len(n) for n in m.weights)
+    for name, w in m.weights.items():
+        print(f"  {name:<{width}}  {w:+.4f}")
+    path = save_mixture(m, out)
+    print(f"wrote {path}" + (f" and {m.router}" if m.router is not None else ""))
+    if args.export_peft:
+        d = bank.export_peft(args.export_peft, m.weights, mode=m.mode, base_model=str(student.path))
+        print(f"wrote PEFT adapter {d} ({m.mode} composition)")
+    return 0

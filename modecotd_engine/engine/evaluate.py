@@ -1,0 +1,268 @@
+"""Evaluation: generate for every record, extract the answer, score it against the gold answer.
+
+A record is ``{"input", "output"}`` where ``output`` is either the gold answer alone (evaluation
+files) or a full training output (rationale, ``-->``, answer, ``END``), whose gold is the text after
+the last ``-->`` up to ``END``.
+
+Several tasks, each with its own gate (its own expert, a mixture, or none), are served together in
+shared mixed batches (:func:`evaluate_many`): one generation call over every record of every task.
+
+Scoring is exact on normalized answers (``answers.answers_match``). ``compat_substring=True``
+reproduces the original MoDE-CoTD evaluator instead: a prediction counts as correct when the gold
+string occurs anywhere in the generated answer text (so "26" is scored correct for gold "2"). It
+is kept only to compare with published numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .answers import (ANSWER_MARKER, END_TOKEN, TASK_TYPES, answers_match, extract_answer, infer_task_type,
+                      split_output)
+from .generate import GenerationConfig, GenerationError, generate_detailed
+from .inject import MixtureHandle
+
+
+@dataclass
+class TaskResult:
+    """Scores of one task.
+
+    Attributes:
+        task: task name.
+        task_type: answer type used for extraction and scoring.
+        n: records evaluated.
+        correct: records scored correct.
+        unextracted: generations from which no answer could be extracted (scored wrong).
+        predictions: per record ``{"index", "input", "gold", "prediction", "generation", "correct",
+            "num_tokens", "finish_reason"}``.
+    """
+
+    task: str
+    task_type: str
+    n: int
+    correct: int
+    unextracted: int
+    predictions: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction correct (0.0 for an empty task)."""
+        return self.correct / self.n if self.n else 0.0
+
+    def summary(self) -> dict:
+        """The scores without the predictions (for summary files)."""
+        return {"task": self.task, "task_type": self.task_type, "n": self.n, "correct": self.correct,
+                "accuracy": self.accuracy, "unextracted": self.unextracted}
+
+
+def gold_answer(output: str) -> str:
+    """The gold answer of a record's ``output``: after the last ``-->`` up to ``END``, or the output
+    itself (a trailing ``END`` removed)."""
+    split = split_output(output)
+    if split is not None:
+        return split[1]
+    text = output.strip()
+    if text.endswith(END_TOKEN):
+        text = text[: -len(END_TOKEN)].rstrip()
+    return text
+
+
+def _answer_text(generation: str) -> str:
+    """What the original evaluator compared: the text after the last marker (else all of it)."""
+    return generation.rsplit(ANSWER_MARKER, 1)[1] if ANSWER_MARKER in generation else generation
+
+
+def _check_records(task: str, records: Sequence[dict]) -> None:
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise GenerationError(f"task {task}: records must be a list of {{'input', 'output'}} dicts")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping):
+            raise GenerationError(f"task {task}: record {i} is a {type(rec).__name__}, not an object")
+        for key in ("input", "output"):
+            if not isinstance(rec.get(key), str):
+                raise GenerationError(f"task {task}: record {i} has no string {key!r}")
+        if not rec["input"].strip():
+            raise GenerationError(f"task {task}: record {i} has an empty 'input'")
+
+
+def _score(task: str, task_type: str, records: Sequence[dict], golds: list[str], texts: list[str],
+           num_tokens: list[int], reasons: list[str], compat_substring: bool) -> TaskResult:
+    correct = unextracted = 0
+    predictions = []
+    for i, (rec, gold, text) in enumerate(zip(records, golds, texts)):
+        pred = extract_answer(text, task_type)
+        if pred is None:
+            unextracted += 1
+        ok = answers_match(_answer_text(text) if compat_substring else pred, gold, task_type,
+                           compat_substring=compat_substring)
+        correct += ok
+        predictions.append({"index": i, "input": rec["input"], "gold": gold, "prediction": pred,
+                            "generation": text, "correct": bool(ok), "num_tokens": num_tokens[i],
+                            "finish_reason": reasons[i]})
+    return TaskResult(task, task_type, len(records), correct, unextracted, predictions)
+
+
+def _resolve_type(task: str, golds: list[str], task_type: str | None) -> str:
+    if task_type is not None:
+        if task_type not in TASK_TYPES:
+            raise GenerationError(
+                f"task {task}: unknown task type {task_type!r}; expected one of {', '.join(TASK_TYPES)}"
+            )
+        return task_type
+    return infer_task_type(task, golds)
+
+
+def evaluate_records(
+    model: nn.Module,
+    tokenizer,
+    records: list[dict],
+    *,
+    task: str,
+    task_type: str | None = None,
+    handle: MixtureHandle | None = None,
+    gate: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    compat_substring: bool = False,
+    progress: bool = False,
+) -> TaskResult:
+    """Generate, extract and score one task's records.
+
+    Args:
+        model: the student (with experts injected when ``handle`` is given).
+        tokenizer: its tokenizer.
+        records: ``{"input", "output"}`` dicts; ``output`` is the gold answer or a training output.
+        task: task name (also decides the task type when ``task_type`` is None).
+        task_type: one of ``answers.TASK_TYPES``; None infers it from the name, else the golds.
+        handle: the injection handle (needed with ``gate``).
+        gate: (E,) gate for every record, or None for the frozen student.
+        config: decoding settings (greedy, stop at ``END`` by default).
+        compat_substring: score as the original evaluator (gold is a substring of the answer text).
+        progress: show a progress bar.
+    """
+    return evaluate_many(model, tokenizer, {task: records}, task_types={task: task_type} if task_type else None,
+                         handle=handle, gates={task: gate}, config=config, compat_substring=compat_substring,
+                         progress=progress)[task]
+
+
+def evaluate_many(
+    model: nn.Module,
+    tokenizer,
+    tasks: Mapping[str, Sequence[dict]],
+    *,
+    task_types: Mapping[str, str | None] | None = None,
+    handle: MixtureHandle | None = None,
+    gates: Mapping[str, torch.Tensor | None] | None = None,
+    config: GenerationConfig | None = None,
+    compat_substring: bool = False,
+    progress: bool = False,
+) -> dict[str, TaskResult]:
+    """Evaluate several tasks at once, each with its own gate, in shared mixed batches.
+
+    Args:
+        model: the student (with experts injected when any gate is given).
+        tokenizer: its tokenizer.
+        tasks: task name -> records ``{"input", "output"}``.
+        task_types: task name -> task type; a task not in it (or None) gets ``infer_task_type``.
+        handle: the injection handle.
+        gates: task name -> (E,) gate, or None (or absent) for the frozen student on that task.
+        config: decoding settings.
+        compat_substring: score as the original evaluator (see the module docstring).
+        progress: show a progress bar of finished requests.
+
+    Returns:
+        Task name -> TaskResult, in the order of ``tasks``.
+    """
+    task_types = dict(task_types or {})
+    gates = dict(gates or {})
+    unknown = sorted(set(gates) - set(tasks))
+    if unknown:
+        raise GenerationError(f"gates given for tasks that are not evaluated: {', '.join(unknown)}")
+    prompts: list[str] = []
+    spans: dict[str, tuple[int, int]] = {}
+    golds: dict[str, list[str]] = {}
+    types: dict[str, str] = {}
+    for task, records in tasks.items():
+        _check_records(task, records)
+        golds[task] = [gold_answer(r["output"]) for r in records]
+        types[task] = _resolve_type(task, golds[task], task_types.get(task))
+        spans[task] = (len(prompts), len(prompts) + len(records))
+        prompts.extend(r["input"] for r in records)
+
+    gate_rows = None
+    if any(g is not None for g in gates.values()):
+        if handle is None:
+            raise GenerationError("gates were given without a MixtureHandle: inject the experts first")
+        e = handle.bank.num_experts
+        gate_rows = torch.zeros(len(prompts), e)
+        for task, g in gates.items():
+            if g is None:
+                continue
+            g = torch.as_tensor(g, dtype=torch.float32).detach().cpu()
+            if tuple(g.shape) != (e,):
+                raise GenerationError(f"task {task}: gate must be (E={e},), got {tuple(g.shape)}")
+            lo, hi = spans[task]
+            gate_rows[lo:hi] = g
+    res = generate_detailed(model, tokenizer, prompts, handle=handle, gates=gate_rows,
+                            config=config or GenerationConfig(), progress=progress)
+    out: dict[str, TaskResult] = {}
+    for task, records in tasks.items():
+        lo, hi = spans[task]
+        out[task] = _score(task, types[task], records, golds[task], res.texts[lo:hi], res.num_tokens[lo:hi],
+                           res.finish_reasons[lo:hi], compat_substring)
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def averages(results: Mapping[str, TaskResult], *, seen: set[str] | None = None) -> dict:
+    """Macro averages of per-task accuracy: ``{"all", "seen", "unseen"}`` (None where no task)."""
+    accs = {t: r.accuracy for t, r in results.items()}
+    out = {"all": _mean(list(accs.values()))}
+    if seen is not None:
+        out["seen"] = _mean([a for t, a in accs.items() if t in seen])
+        out["unseen"] = _mean([a for t, a in accs.items() if t not in seen])
+    return out
+
+
+def accuracy_table(results: Mapping[str, TaskResult], *, seen: set[str] | None = None) -> str:
+    """Markdown table: per-task accuracy, counts, unextracted answers, then seen/unseen averages.
+
+    Averages are macro averages (the mean of per-task accuracies, as the paper reports them);
+    ``seen`` names the tasks that have their own expert (None: no seen/unseen split).
+    """
+    has_split = seen is not None
+    head = "| task | type |" + (" seen |" if has_split else "") + " n | correct | accuracy | unextracted |"
+    rule = "|---|---|" + ("---|" if has_split else "") + "---:|---:|---:|---:|"
+    rows = [head, rule]
+    for task, r in results.items():
+        mark = (" yes |" if task in seen else " no |") if has_split else ""
+        rows.append(f"| {task} | {r.task_type} |{mark} {r.n} | {r.correct} | {r.accuracy:.1%} | {r.unextracted} |")
+    avg = averages(results, seen=seen)
+
+    def line(label: str, names: list[str], value: float | None) -> str:
+        if value is None:
+            return ""
+        n = sum(results[t].n for t in names)
+        correct = sum(results[t].correct for t in names)
+        unex = sum(results[t].unextracted for t in names)
+        blank = " |" if has_split else ""
+        return f"| **{label}** ({len(names)} tasks) | |{blank} {n} | {correct} | **{value:.1%}** | {unex} |"
+
+    if has_split:
+        seen_names = [t for t in results if t in seen]
+        unseen_names = [t for t in results if t not in seen]
+        rows += [x for x in (line("average seen", seen_names, avg["seen"]),
+                             line("average unseen", unseen_names, avg["unseen"])) if x]
+    total = line("average all", list(results), avg["all"])
+    if total:
+        rows.append(total)
+    return "\n".join(rows) + "\n"
+
+
+__all__ = ["TaskResult", "accuracy_table", "averages", "evaluate_many", "evaluate_records", "gold_answer"]

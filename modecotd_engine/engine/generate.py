@@ -1,0 +1,579 @@
+"""Batched generation where every request carries its own expert gates, all served together.
+
+Requests with different experts or mixtures share the same batches: each sequence has one gate row
+(E,) that every injected layer broadcasts over that sequence's tokens, so one forward per decoding
+step serves the whole batch (the Punica / S-LoRA way) instead of one pass per adapter. A zero gate
+row means the frozen student for that request.
+
+The loop is a lean one written here (not ``model.generate``):
+
+* requests are sorted by prompt length and cut into batches of ``batch_size`` (similar lengths
+  waste little padding), then the results are put back in request order;
+* prompts are left-padded; the attention mask hides the padding and the position ids count only
+  real tokens (``cumsum(mask) - 1``), so a padded request computes what it computes alone;
+* the prompts are run once (prefill) into a ``DynamicCache``, in runs of similar length, each run
+  padded only to its own longest prompt; the runs' caches are then left-padded and stacked so the
+  batch decodes as one. Only the last position's logits are computed (``logits_to_keep=1``: the
+  vocabulary projection is the largest matmul of a small LM);
+* each step feeds one token per live sequence; a sequence that finishes (stop string, EOS, its
+  token budget) is dropped from the batch, its KV cache rows and its gate row with it, so finished
+  requests cost nothing;
+* greedy by default; sampling with temperature / top-p draws from one seeded ``torch.Generator``,
+  so the same prompts, gates and config give the same texts.
+
+The text returned for a request is its decoded continuation, cut just after the first stop string
+(the stop string included), without the EOS token.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import encode_prompt
+from .experts import ExpertBank
+from .inject import MixtureHandle
+
+FINISH_REASONS = ("stop", "eos", "length")
+# Extra tokens decoded in front of a stop string's maximal token span when looking for it: a window
+# may start inside a multi-byte character (decoded as U+FFFD) or lose a leading space to the
+# tokenizer's clean-up, and that slack keeps both away from the stop string itself.
+_STOP_WINDOW_SLACK = 8
+# Prompts are prefilled in runs of similar length (see _prefill_chunks): a run ends where a prompt is
+# shorter than this fraction of the run's longest, so at most ~15% of a run's prefill is padding.
+# NOTE: the 64 built-in-task prompts of the inference benchmark (34-62 SmolLM2 tokens): one padded
+# batch computes 1.38x the real prompt tokens; runs cut at 0.85 compute 1.06x in 3 forward calls.
+PREFILL_SPLIT_RATIO = 0.85
+
+
+class GenerationError(ValueError):
+    """A request that cannot be served (empty prompt, too long, bad gates or expert spec)."""
+
+
+class PromptError(GenerationError):
+    """A bad prompt: ``index`` is its position in the request list, ``detail`` what is wrong with it."""
+
+    def __init__(self, index: int, detail: str):
+        super().__init__(f"prompt {index} {detail}")
+        self.index = index
+        self.detail = detail
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings.
+
+    Args:
+        max_new_tokens: generated tokens per request at most (also capped by the model context).
+        temperature: 0 for greedy decoding; > 0 samples from softmax(logits / temperature).
+        top_p: nucleus sampling mass in (0, 1]; 1 keeps the whole distribution. Ignored when greedy.
+        seed: seed of the sampling generator.
+        stop_strings: generation of a request ends once its text contains one of these; the text up
+            to and including it is returned. Empty: only EOS and the token budget stop.
+        batch_size: requests per batch (one forward per step serves a whole batch).
+        ignore_eos: never end at EOS (its logits are masked, as transformers' ``min_new_tokens``
+            does), so every request runs to ``max_new_tokens`` or a stop string; for benchmarks.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_strings: tuple[str, ...] = ("END",)
+    batch_size: int = 16
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = (self.stop_strings,)
+        self.stop_strings = tuple(self.stop_strings)
+        if int(self.max_new_tokens) < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not float(self.temperature) >= 0.0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if int(self.batch_size) < 1:
+            raise GenerationError(f"batch_size must be >= 1, got {self.batch_size}")
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationResult:
+    """Texts plus per-request accounting.
+
+    Attributes:
+        texts: the generated continuation per request (request order).
+        num_tokens: generated tokens per request (EOS not counted).
+        finish_reasons: "stop" (a stop string), "eos", or "length" (token budget or model context).
+        first_token_s: seconds from the call's start until the request's first token was known.
+        seconds: wall time of the whole call.
+        token_ids: the generated token ids per request (EOS not included; with a stop string, every
+            token up to the one that completed it).
+    """
+
+    texts: list[str]
+    num_tokens: list[int]
+    finish_reasons: list[str]
+    first_token_s: list[float]
+    seconds: float
+    token_ids: list[list[int]] = field(default_factory=list)
+    batches: int = 0
+    forward_calls: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# expert specs
+
+
+def parse_expert_spec(spec: str, bank: ExpertBank) -> torch.Tensor:
+    """Gate vector (E,) from an expert spec.
+
+    ``"gsm8k"`` is one expert with weight 1; ``"gsm8k,svamp"`` gives the listed experts equal
+    weights summing to 1 (as ``ExpertBank.weights_vector`` does for a list); ``"gsm8k=0.7,svamp=0.3"``
+    gives explicit weights (any real number, negative included, as the mixing search produces).
+
+    Args:
+        spec: the spec text.
+        bank: the bank whose expert names the spec refers to.
+
+    Returns:
+        (E,) float32 gate vector in the bank's expert order.
+
+    Raises:
+        GenerationError: an empty piece, a weight that does not parse, a name given twice, or weights
+            on some experts but not on others.
+        ExpertBankError: an unknown expert name (the message lists the known ones).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise GenerationError("empty expert spec: name one or more experts, e.g. 'gsm8k' or 'gsm8k=0.7,svamp=0.3'")
+    pieces = [p.strip() for p in spec.split(",")]
+    names: list[str] = []
+    weights: list[float | None] = []
+    for piece in pieces:
+        if not piece:
+            raise GenerationError(f"expert spec {spec!r} has an empty piece (a stray comma?)")
+        name, eq, w = piece.partition("=")
+        name = name.strip()
+        if not name:
+            raise GenerationError(f"expert spec piece {piece!r} has no expert name")
+        if eq:
+            try:
+                value = float(w.strip())
+            except ValueError:
+                raise GenerationError(
+                    f"expert spec piece {piece!r}: weight {w.strip()!r} is not a number"
+                ) from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise GenerationError(f"expert spec piece {piece!r}: weight must be finite")
+            weights.append(value)
+        else:
+            weights.append(None)
+        if name in names:
+            raise GenerationError(f"expert spec {spec!r} names {name!r} twice")
+        bank.index(name)  # raises with the known names
+        names.append(name)
+    given = [w is not None for w in weights]
+    if any(given) and not all(given):
+        raise GenerationError(
+            f"expert spec {spec!r}: give a weight to every expert ('a=0.7,b=0.3') or to none ('a,b')"
+        )
+    if all(given):
+        return bank.weights_vector(dict(zip(names, weights)))
+    return bank.weights_vector(names)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+def model_context_length(model: nn.Module) -> int | None:
+    """Positions the model can attend over (``max_position_embeddings``), or None if unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    n = getattr(cfg, "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], *, context: int | None = None) -> list[list[int]]:
+    """Token ids of each prompt, encoded as training encodes prompts (``data.encode_prompt``).
+
+    Raises:
+        PromptError: a prompt that is not a string, is empty, or does not leave room for one new token
+            in the model context (``context`` tokens).
+    """
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise PromptError(i, f"is a {type(p).__name__}, not a string")
+        if not p.strip():
+            raise PromptError(i, "is empty")
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    for i, row in enumerate(ids):
+        if not row:
+            raise PromptError(i, "encodes to no tokens")
+        if context is not None and len(row) >= context:
+            raise PromptError(
+                i, f"has {len(row)} tokens; the model context is {context} tokens "
+                "(a prompt must leave room for at least one new token)"
+            )
+    return [list(r) for r in ids]
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    for src in (getattr(tokenizer, "eos_token_id", None), getattr(gen_cfg, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([int(src)] if isinstance(src, int) else [int(t) for t in src])
+    return ids
+
+
+def _pad_id(tokenizer, eos: set[int]) -> int:
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        return int(tokenizer.pad_token_id)
+    return min(eos) if eos else 0
+
+
+def _next_tokens(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """(b, V) logits -> (b,) token ids: argmax, or a temperature / top-p draw."""
+    if config.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is
+        # still short of top_p (so the most likely token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= config.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        pick = torch.multinomial(sorted_p, 1, generator=gen)  # multinomial renormalises
+        return sorted_i.gather(-1, pick).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
+    """End index of the earliest-ending stop string in ``text``, or None."""
+    ends = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
+    return min(ends) if ends else None
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _check_gates(gates: torch.Tensor | None, handle: MixtureHandle | None, n: int) -> torch.Tensor | None:
+    if gates is None:
+        return None
+    if handle is None:
+        raise GenerationError("gates were given without a MixtureHandle: inject the experts first")
+    if not isinstance(gates, torch.Tensor):
+        raise GenerationError(f"gates must be a tensor of shape ({n}, E), got {type(gates).__name__}")
+    e = handle.bank.num_experts
+    if gates.dim() != 2 or tuple(gates.shape) != (n, e):
+        raise GenerationError(f"gates must be (num_prompts={n}, E={e}), one row per request, got {tuple(gates.shape)}")
+    if not torch.isfinite(gates).all():
+        raise GenerationError("gates contain NaN or infinite values")
+    return gates.detach()
+
+
+# ------------------------------------------------------------------------------------------------
+# generation
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    handle: MixtureHandle | None = None,
+    gates: torch.Tensor | None = None,
+    config: GenerationConfig = GenerationConfig(),
+    stream: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Generate a continuation for every prompt, each with its own expert gates, in shared batches.
+
+    Args:
+        model: a causal LM (the student), with experts injected when ``handle`` is given.
+        tokenizer: its tokenizer.
+        prompts: the requests' prompt texts.
+        handle: the injection handle of ``model`` (needed when ``gates`` is given).
+        gates: (len(prompts), E) one gate row per request; None runs the frozen student for all, and
+            a zero row runs it for that request.
+        config: decoding settings.
+        stream: called with each new piece of text as it is decoded (a single prompt only).
+        progress: show a progress bar of finished requests on stderr.
+
+    Returns:
+        The generated continuation per prompt, in prompt order.
+    """
+    return generate_detailed(model, tokenizer, prompts, handle=handle, gates=gates, config=config,
+                             stream=stream, progress=progress).texts
+
+
+@torch.inference_mode()
+def generate_detailed(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    handle: MixtureHandle | None = None,
+    gates: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    stream: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> GenerationResult:
+    """:func:`generate` with token counts, finish reasons and time to first token per request."""
+    t0 = time.perf_counter()
+    config = config or GenerationConfig()
+    if isinstance(prompts, str):
+        raise GenerationError("prompts must be a sequence of strings, not one string (wrap it in a list)")
+    prompts = list(prompts)
+    n = len(prompts)
+    if stream is not None and n != 1:
+        raise GenerationError(f"streaming serves a single prompt, got {n}")
+    gates = _check_gates(gates, handle, n)
+    if n == 0:
+        return GenerationResult([], [], [], [], 0.0)
+    context = model_context_length(model)
+    ids = encode_prompts(tokenizer, prompts, context=context)
+    budgets = [min(config.max_new_tokens, context - len(r)) if context else config.max_new_tokens for r in ids]
+
+    device = _device_of(model)
+    eos = _eos_ids(model, tokenizer)
+    pad = _pad_id(tokenizer, eos)
+    gen = None
+    if not config.greedy:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(config.seed))
+    result = GenerationResult([""] * n, [0] * n, ["length"] * n, [0.0] * n, 0.0, [[] for _ in range(n)])
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc="generate", unit="req", file=sys.stderr, leave=False)
+
+    # Longest prompts first: the largest batch (in memory) runs first, so a size problem shows at once.
+    order = sorted(range(n), key=lambda i: -len(ids[i]))
+    was_training = model.training
+    model.eval()
+    previous_gates = handle.state.gates if handle is not None else None
+    try:
+        for start in range(0, n, config.batch_size):
+            rows = order[start : start + config.batch_size]
+            _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen, device, eos, pad,
+                       result, t0, stream, bar)
+            result.batches += 1
+    finally:
+        if handle is not None:
+            handle.state.gates = previous_gates
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _prefill_chunks(lengths: Sequence[int], ratio: float | None = None) -> list[tuple[int, int]]:
+    """Cut rows sorted by decreasing prompt length into runs of similar length.
+
+    A new run starts where a prompt is shorter than ``ratio`` times its run's longest, so padding
+    costs at most ``1 - ratio`` of a run's prefill work.
+
+    Returns:
+        ``(start, end)`` row ranges covering ``range(len(lengths))``.
+    """
+    ratio = PREFILL_SPLIT_RATIO if ratio is None else ratio
+    chunks, start = [], 0
+    for i in range(1, len(lengths)):
+        if lengths[i] < ratio * lengths[start]:
+            chunks.append((start, i))
+            start = i
+    chunks.append((start, len(lengths)))
+    return chunks
+
+
+def _plain_dynamic_cache(model: nn.Module) -> bool:
+    """Whether the model's DynamicCache keeps every position of every layer (no sliding window),
+    so that per-chunk caches can be left-padded and stacked into one."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(DynamicCache(config=model.config), "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _prefill(model, rows, ids, g, handle, pad, device, result: GenerationResult):
+    """Run the prompts of one batch (rows sorted by decreasing length) into a KV cache.
+
+    Prompts of similar length are prefilled together (``_prefill_chunks``), each run padded only to
+    its own longest prompt; the runs' caches are then left-padded to the batch's longest prompt
+    and stacked, so decoding continues as one batch. Padded key/value slots are hidden by the
+    attention mask, so the result is the one-big-batch result without its padding work.
+
+    Returns:
+        ``(cache, logits (b, V) at each prompt's last position, mask (b, L), last positions (b,))``.
+    """
+    from transformers import DynamicCache
+
+    lengths = [len(ids[r]) for r in rows]
+    width = lengths[0]
+    chunks = _prefill_chunks(lengths) if len(rows) > 1 and _plain_dynamic_cache(model) else [(0, len(rows))]
+    caches, logits, masks = [], [], []
+    for lo, hi in chunks:
+        w = lengths[lo]
+        input_ids = torch.full((hi - lo, w), pad, dtype=torch.long)
+        mask = torch.zeros((hi - lo, w), dtype=torch.long)
+        for j, r in enumerate(rows[lo:hi]):
+            input_ids[j, w - len(ids[r]) :] = torch.tensor(ids[r])
+            mask[j, w - len(ids[r]) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # padding gets position 0; it is masked anyway
+        if handle is not None:
+            handle.set_gates(None if g is None else g[lo:hi])  # None or all-zero rows: the frozen student
+        cache = DynamicCache(config=model.config)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True, logits_to_keep=1)
+        result.forward_calls += 1
+        caches.append(cache)
+        logits.append(out.logits[:, -1, :])
+        masks.append(torch.nn.functional.pad(mask, (width - w, 0)))
+        del out
+    mask = torch.cat(masks)
+    last_pos = torch.tensor([n - 1 for n in lengths], device=device)
+    if len(caches) == 1:
+        return caches[0], logits[0], mask, last_pos
+    merged = DynamicCache(config=model.config)
+    for layer in range(len(caches[0].layers)):
+        keys, values = [], []
+        for (lo, _hi), c in zip(chunks, caches):
+            left = width - lengths[lo]  # (b_c, H, L_c, D) -> (b_c, H, L, D)
+            keys.append(torch.nn.functional.pad(c.layers[layer].keys, (0, 0, left, 0)))
+            values.append(torch.nn.functional.pad(c.layers[layer].values, (0, 0, left, 0)))
+            c.layers[layer].keys = c.layers[layer].values = None  # free as we go
+        merged.update(torch.cat(keys), torch.cat(values), layer)
+    return merged, torch.cat(logits), mask, last_pos
+
+
+def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen, device, eos, pad,
+               result: GenerationResult, t0: float, stream, bar) -> None:
+    """Prefill one batch (rows sorted by decreasing prompt length), then decode until every request
+    in it has finished."""
+    g = None
+    if handle is not None and gates is not None:
+        g = gates[torch.tensor(rows)].to(device)  # (b, E)
+    cache, first_logits, mask, last_pos = _prefill(model, rows, ids, g, handle, pad, device, result)
+    if handle is not None:
+        handle.set_gates(g)
+
+    eos_index = torch.tensor(sorted(eos), device=device) if eos else None
+    if config.ignore_eos:
+        eos = set()
+    stops = config.stop_strings
+    window = (max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK) if stops else 0
+    live = list(rows)  # request index of each row of the current (shrinking) batch
+    tokens: dict[int, list[int]] = {r: [] for r in rows}
+    emitted = 0  # characters already streamed
+    first = True
+    logits = first_logits
+    while True:
+        if config.ignore_eos and eos_index is not None:
+            logits = logits.index_fill(-1, eos_index, float("-inf"))
+        nxt = _next_tokens(logits, config, gen)  # (b,)
+        picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
+        if first:
+            now = time.perf_counter() - t0
+            for r in live:
+                result.first_token_s[r] = now
+            first = False
+        finished: dict[int, str] = {}
+        for r, t in zip(live, picked):
+            if t in eos:
+                finished[r] = "eos"
+                continue
+            tokens[r].append(t)
+            if len(tokens[r]) >= budgets[r]:
+                finished[r] = "length"
+        if stops:
+            check = [r for r, t in zip(live, picked) if t not in eos]
+            if check:
+                tails = tokenizer.batch_decode([tokens[r][-window:] for r in check], skip_special_tokens=True)
+                for r, tail in zip(check, tails):
+                    if any(s in tail for s in stops):
+                        finished[r] = "stop"
+        for r, why in finished.items():
+            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
+            if why == "stop":
+                cut = _stop_cut(text, stops)
+                text = text if cut is None else text[:cut]
+            result.texts[r], result.num_tokens[r], result.finish_reasons[r] = text, len(tokens[r]), why
+            result.token_ids[r] = tokens[r]
+        if stream is not None:
+            r = live[0]
+            if r in finished:
+                text = result.texts[r]
+            else:
+                text = tokenizer.decode(tokens[r], skip_special_tokens=True)
+                # Hold back a half-decoded multi-byte character, and any tail that could still grow
+                # into a stop string, so that nothing streamed is later cut away.
+                text = text.rstrip("\ufffd")
+                hold = max((len(s) - 1 for s in stops), default=0)
+                text = text[: max(emitted, len(text) - hold)] if hold else text
+            if len(text) > emitted:
+                stream(text[emitted:])
+                emitted = len(text)
+        if bar is not None and finished:
+            bar.update(len(finished))
+        if len(finished) == len(live):
+            return
+        if finished:
+            keep = [j for j, r in enumerate(live) if r not in finished]
+            sel = torch.tensor(keep, device=device)
+            cache.reorder_cache(sel)  # drop finished rows from every layer's keys and values
+            mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
+            live = [live[j] for j in keep]
+            if g is not None:
+                g = g[sel]
+                handle.set_gates(g)
+        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        result.forward_calls += 1
+        logits = out.logits[:, -1, :]
+
+
+__all__ = [
+    "FINISH_REASONS",
+    "GenerationConfig",
+    "GenerationError",
+    "GenerationResult",
+    "PromptError",
+    "encode_prompts",
+    "generate",
+    "generate_detailed",
+    "model_context_length",
+    "parse_expert_spec",
+]

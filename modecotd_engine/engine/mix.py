@@ -1,0 +1,557 @@
+"""Mix: combine a bank's experts for a target task (seen or unseen) from a handful of examples.
+
+The objective, as in the MoDE-CoTD paper (LoraHub-style), for a weight vector ``w`` (E,)::
+
+    f(w) = mean supervised cross-entropy on the shots under gate w  +  l1 * mean_e |w_e|
+
+Methods:
+
+* ``search`` (the paper's): nevergrad's NGOpt over one weight per expert, bounds [-3, 3], start at
+  0, ``budget`` evaluations. Seeded: the same seed gives the same weights. The result is the best
+  evaluated candidate (the objective is deterministic, so no re-evaluation is needed).
+* ``gradient``: the same objective minimized by Adam on ``w`` through the kernel's dG path (the gates
+  require grad), clamped to the bounds after each step; ``budget`` forward+backward evaluations;
+  the result is the best evaluated ``w`` (w = 0 included). It starts at 0 in output mode and at
+  1/E in weight mode, where 0 is a stationary point (the update is quadratic in w).
+* ``router``: per-layer, per-token routers (E, K), gates ``softmax(R x)`` (optionally top-k), trained
+  with the experts FROZEN on the seen tasks' data for ``budget`` steps; the shots only measure it.
+* ``uniform``: ``w_e = 1/E`` (the plain average, a baseline).
+
+Cost model: the experts are injected ONCE; evaluating a candidate is one forward pass over the
+shots with new gate values (``handle.set_gates``), under ``torch.no_grad`` for the search. No state
+dict is rewritten, no weight is merged, the model is never reloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import Batch, DataError, collate, tokenize_records
+from .experts import ExpertBank
+from .inject import MixtureHandle, MixtureLinear, inject_experts
+from .loss import supervised_loss
+from .mixture import METHODS, Mixture, bank_record
+from ..kernels.router import routing_gates
+
+log = logging.getLogger(__name__)
+
+MODES = ("weight", "output")
+DEFAULT_BUDGET = 40
+DEFAULT_L1 = 0.05
+DEFAULT_BOUNDS = (-3.0, 3.0)
+DEFAULT_MAX_LEN = 512
+# Shots per forward pass: the paper's 5 shots (or up to 16) are ONE forward per candidate.
+DEFAULT_SHOTS_BATCH = 16
+# NOTE: Adam on E weights in [-3, 3]. On shots written by one expert (tiny Llama, 3 experts, tests/
+# test_mix.py's setting) lr 0.1 stalled in a local minimum in both modes within 40 steps (objective
+# 6.3 -> 5.8-6.0) while 0.2 reached the optimum (-> 3.1-3.3, as the search); 0.3 oscillated more.
+DEFAULT_GRADIENT_LR = 0.2
+DEFAULT_ROUTER_LR = 5e-3
+DEFAULT_ROUTER_BATCH = 8
+
+
+# ------------------------------------------------------------------------------------------ shots
+def check_shots(shots: Sequence[dict], *, where: str = "shots") -> list[dict]:
+    """Return ``shots`` as a list after checking each is ``{"input": str, "output": str}`` with text.
+
+    Raises:
+        DataError: no shots, a record that is not an object, or an empty input or output; the
+            message names ``where`` and the record index.
+    """
+    shots = list(shots)
+    if not shots:
+        raise DataError("no shots: at least one example of the target task is needed", path=where)
+    for i, rec in enumerate(shots):
+        if not isinstance(rec, Mapping):
+            raise DataError(f"expected an object with 'input' and 'output', got {type(rec).__name__}",
+                            path=where, index=i)
+        for key in ("input", "output"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise DataError(f"'{key}' must be a non-empty string (shots need the rationale and answer "
+                                "to score the experts)", path=where, index=i)
+    return shots
+
+
+def prepare_shots(
+    shots: Sequence[dict],
+    tokenizer,
+    *,
+    target: str,
+    max_len: int = DEFAULT_MAX_LEN,
+    batch_size: int = DEFAULT_SHOTS_BATCH,
+    device: torch.device | str = "cpu",
+) -> list[Batch]:
+    """Tokenize the shots (loss on the output only) into padded batches on ``device``.
+
+    Raises:
+        DataError: a bad record, or every shot too long for ``max_len``.
+    """
+    examples, stats = tokenize_records(shots, tokenizer, task=target, max_len=max_len)
+    if not examples:
+        raise DataError(f"every shot is longer than max_len={max_len} tokens in its output alone", path="shots")
+    if stats["dropped"]:
+        log.warning("%d of %d shots dropped: output longer than max_len=%d", stats["dropped"], len(shots), max_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return [collate(examples[i:i + batch_size], {target: 0}, pad).to(device)
+            for i in range(0, len(examples), batch_size)]
+
+
+def _supervised_count(batch: Batch) -> int:
+    return int((batch.labels[:, 1:] != -100).sum())
+
+
+# -------------------------------------------------------------------------------------- objective
+class ShotsObjective:
+    """``f(w) = mean supervised CE on the shots under gate w + l1 * mean|w|``.
+
+    One evaluation is one forward pass per shots batch (one in total for up to 16 shots) through
+    the injected model, with ``w`` broadcast as every sequence's gate. Batches are combined by their
+    supervised token counts, so the loss is the token mean over all shots whatever the batching.
+
+    Args:
+        handle: the injected model (its mode is the composition evaluated).
+        batches: the shots, from :func:`prepare_shots`.
+        l1: weight of the L1 penalty.
+    """
+
+    def __init__(self, handle: MixtureHandle, batches: Sequence[Batch], l1: float):
+        self.handle = handle
+        self.batches = list(batches)
+        self.l1 = float(l1)
+        self.counts = [_supervised_count(b) for b in self.batches]
+        self.total = sum(self.counts)
+        self.evaluations = 0
+        self.num_experts = handle.bank.num_experts
+
+    def _gate(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        return w.reshape(1, -1).expand(rows, self.num_experts)
+
+    def loss(self, w: torch.Tensor) -> float:
+        """Mean CE on the shots under ``w`` (E,), no gradient."""
+        total = 0.0
+        with torch.no_grad():
+            for batch, n in zip(self.batches, self.counts):
+                with self.handle.gated(self._gate(w.detach(), batch.input_ids.shape[0])):
+                    total += float(_batch_loss(self.handle.model, batch)) * n
+        self.evaluations += 1
+        return total / self.total
+
+    def penalty(self, w: torch.Tensor) -> torch.Tensor:
+        return self.l1 * w.abs().mean()
+
+    def __call__(self, w: torch.Tensor) -> float:
+        """f(w), no gradient."""
+        return self.loss(w) + float(self.penalty(w.detach()))
+
+    def value_and_grad(self, w: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """(f(w), CE part, df/dw (E,)): one forward+backward per batch, through the dG path."""
+        w = w.detach().clone().requires_grad_(True)
+        total = 0.0
+        for batch, n in zip(self.batches, self.counts):
+            with self.handle.gated(self._gate(w, batch.input_ids.shape[0])):
+                part = _batch_loss(self.handle.model, batch) * (n / self.total)
+            part.backward()  # one graph at a time: memory stays one batch's
+            total += float(part.detach())
+        pen = self.penalty(w)
+        pen.backward()
+        self.evaluations += 1
+        return total + float(pen.detach()), total, w.grad.detach().clone()
+
+
+def _batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return supervised_loss(model, batch.input_ids, batch.attention_mask, batch.labels)
+
+
+# ---------------------------------------------------------------------------------------- methods
+@dataclass
+class MethodResult:
+    """What a method found: weights (E,), the objective there, and the trace of evaluated objectives."""
+
+    weights: torch.Tensor
+    objective: float
+    trace: list[float]
+
+
+class WeightSearch:
+    """NGOpt over one weight per expert, driven one candidate at a time (ask, evaluate, tell).
+
+    Candidates equal to one already evaluated (NGOpt's COBYLA asks for its start point again) are
+    answered from a cache: ``ask`` returns their value and no forward pass is needed.
+
+    Args:
+        num_experts: E.
+        budget: candidates the optimizer asks for.
+        bounds: (low, high) for every weight; the start point is 0.
+        seed: seeds the parametrization's random state: same seed, same candidates, same result.
+        start_value: f(0) when already known (cached, and a candidate for the best).
+    """
+
+    def __init__(self, num_experts: int, *, budget: int = DEFAULT_BUDGET,
+                 bounds: tuple[float, float] = DEFAULT_BOUNDS, seed: int = 0, start_value: float | None = None):
+        import nevergrad as ng
+        import numpy as np
+
+        self._np = np
+        lo, hi = bounds
+        param = ng.p.Array(init=np.zeros(num_experts)).set_bounds(lo, hi)
+        param.random_state = np.random.RandomState(seed)
+        with _quiet_scipy():
+            self.opt = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=1)
+        self.budget = budget
+        self.cache: dict[bytes, float] = {}
+        self.best_w, self.best_f = torch.zeros(num_experts), math.inf
+        if start_value is not None:
+            self.cache[np.zeros(num_experts).tobytes()] = float(start_value)
+            self.best_f = float(start_value)
+        self.trace: list[float] = []
+        self._pending = None
+
+    @property
+    def done(self) -> bool:
+        return len(self.trace) >= self.budget
+
+    def ask(self) -> tuple[torch.Tensor, float | None]:
+        """The next candidate w (E,) and its cached objective (None: evaluate it, then ``tell``)."""
+        with _quiet_scipy():
+            cand = self.opt.ask()
+        x = self._np.asarray(cand.value, dtype=self._np.float64)
+        self._pending = (cand, x)
+        return torch.from_numpy(x).float(), self.cache.get(x.tobytes())
+
+    def tell(self, value: float) -> None:
+        cand, x = self._pending
+        self._pending = None
+        value = float(value)
+        self.cache[x.tobytes()] = value
+        with _quiet_scipy():
+            self.opt.tell(cand, value)
+        self.trace.append(value)
+        if value < self.best_f:
+            self.best_w, self.best_f = torch.from_numpy(x).float(), value
+
+    def result(self) -> MethodResult:
+        return MethodResult(self.best_w, self.best_f, list(self.trace))
+
+
+@contextmanager
+def _quiet_scipy():
+    """NGOpt picks COBYLA for small budgets; scipy then warns about its own default radii/limits."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(RHOEND|MAXFUN).*")
+        yield
+
+
+def search_weights(
+    objective: Callable[[torch.Tensor], float],
+    num_experts: int,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    bounds: tuple[float, float] = DEFAULT_BOUNDS,
+    seed: int = 0,
+    start_value: float | None = None,
+) -> MethodResult:
+    """Gradient-free search with nevergrad's NGOpt over one weight per expert, starting at 0.
+
+    Args:
+        objective: w (E,) -> float.
+        num_experts: E.
+        budget: candidates the optimizer asks for (a candidate equal to one already evaluated,
+            e.g. the start point, is answered from a cache and costs no forward pass).
+        bounds: (low, high) for every weight.
+        seed: seeds the parametrization's random state: same seed, same candidates, same result.
+        start_value: f(0) when already known (it is then cached and not evaluated again).
+    Returns:
+        The best evaluated candidate.
+    """
+    search = WeightSearch(num_experts, budget=budget, bounds=bounds, seed=seed, start_value=start_value)
+    while not search.done:
+        w, cached = search.ask()
+        search.tell(cached if cached is not None else objective(w))
+    return search.result()
+
+
+def gradient_weights(
+    objective: ShotsObjective,
+    num_experts: int,
+    *,
+    budget: int = DEFAULT_BUDGET,
+    bounds: tuple[float, float] = DEFAULT_BOUNDS,
+    lr: float = DEFAULT_GRADIENT_LR,
+    start: torch.Tensor | None = None,
+    start_value: float | None = None,
+) -> MethodResult:
+    """Adam on w with the gradient of the objective from the kernel's dG path.
+
+    Each of the ``budget`` steps is one forward+backward; after each step w is clamped to
+    ``bounds``. The subgradient of |w| at 0 is 0, so the L1 term never pushes a weight off 0 alone.
+
+    Args:
+        start: initial w (E,); default 0. In weight mode 0 is a stationary point (the update
+            ``(sum w B)(sum w A)`` is quadratic in w), so :func:`mix` starts there from 1/E.
+        start_value: f(0) when already measured: w = 0 then competes for the best w.
+    Returns:
+        The best evaluated w.
+    """
+    lo, hi = bounds
+    w = (torch.zeros(num_experts) if start is None else start.detach().float().clone()).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    best_w, best_f, trace = torch.zeros(num_experts), math.inf, []
+    if start_value is not None:
+        best_f = float(start_value)
+    for _ in range(budget):
+        f, _ce, grad = objective.value_and_grad(w)
+        trace.append(f)
+        if f < best_f:
+            best_w, best_f = w.detach().clone(), f
+        w.grad = grad
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(lo, hi)
+    return MethodResult(best_w, best_f, trace)
+
+
+def train_router(
+    handle: MixtureHandle,
+    tokenizer,
+    router_data: Mapping[str, Sequence[dict]],
+    *,
+    steps: int,
+    top_k: int = 0,
+    seed: int = 0,
+    lr: float = DEFAULT_ROUTER_LR,
+    batch_size: int = DEFAULT_ROUTER_BATCH,
+    max_len: int = DEFAULT_MAX_LEN,
+) -> list[float]:
+    """Attach fresh routers and train them (experts and student frozen) on the tasks' records.
+
+    Each batch draws its rows task-uniformly (a task at random, then one of its examples), so a
+    large task does not drown the others; draws are seeded by ``seed``.
+
+    Args:
+        handle: the injected model; its routers are replaced by fresh trainable ones.
+        tokenizer: the student's tokenizer.
+        router_data: task name -> training-format records (rationale, ``-->``, answer).
+        steps: optimizer steps (one forward+backward each).
+        top_k: 0 for dense softmax gates, else keep the k largest per token.
+        lr: Adam learning rate on the routers.
+        batch_size: rows per step.
+        max_len: tokens per example.
+    Returns:
+        The loss of every step.
+    """
+    if not router_data:
+        raise DataError("router training needs the seen tasks' data (task -> records); none given", path="router data")
+    examples = {}
+    for task, records in sorted(router_data.items()):
+        exs, _ = tokenize_records(check_shots(records, where=f"router data {task}"), tokenizer, task=task,
+                                  max_len=max_len)
+        if not exs:
+            raise DataError(f"every record is longer than max_len={max_len}", path=f"router data {task}")
+        examples[task] = exs
+    tasks = list(examples)
+    task_index = {t: i for i, t in enumerate(tasks)}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(iter(handle.layers.values())).base.weight.device
+    params = handle.attach_router(top_k=top_k, trainable=True, seed=seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    rng = random.Random(f"router/{seed}")
+    losses = []
+    for step in range(steps):
+        rows = []
+        for _ in range(batch_size):
+            exs = examples[tasks[rng.randrange(len(tasks))]]
+            rows.append(exs[rng.randrange(len(exs))])
+        batch = collate(rows, task_index, pad).to(device)
+        loss = _batch_loss(handle.model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0 or step == steps - 1:
+            log.info("router step %d/%d loss %.4f", step + 1, steps, losses[-1])
+    for p in params:
+        p.requires_grad_(False)
+    return losses
+
+
+def mean_routing(handle: MixtureHandle, batches: Sequence[Batch]) -> torch.Tensor:
+    """(E,) the routers' gate averaged over every layer and every real token of ``batches``."""
+    sums, count = None, 0
+    current: dict[str, torch.Tensor] = {}
+
+    def hook(layer: MixtureLinear, args, _out):
+        g = routing_gates(args[0].detach(), layer.router, layer.top_k).float()  # (B, L, E)
+        mask = current["mask"].unsqueeze(-1).to(g.dtype)
+        nonlocal sums, count
+        s = (g * mask).sum((0, 1))
+        sums = s if sums is None else sums + s
+        count += int(current["mask"].sum())
+
+    hooks = [layer.register_forward_hook(hook) for layer in handle.layers.values()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current["mask"] = batch.attention_mask
+                handle.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (sums / max(count, 1)).cpu()
+
+
+# -------------------------------------------------------------------------------------------- mix
+def mix(
+    bank: ExpertBank,
+    student,
+    shots: Sequence[dict],
+    *,
+    method: str = "search",
+    mode: str = "weight",
+    budget: int = DEFAULT_BUDGET,
+    l1: float = DEFAULT_L1,
+    bounds: tuple[float, float] = DEFAULT_BOUNDS,
+    seed: int = 0,
+    target: str = "target",
+    router_data: Mapping[str, Sequence[dict]] | None = None,
+    top_k: int = 0,
+    lr: float | None = None,
+    max_len: int = DEFAULT_MAX_LEN,
+    batch_size: int = DEFAULT_SHOTS_BATCH,
+    bank_dir: str | None = None,
+    backend: str = "auto",
+    handle: MixtureHandle | None = None,
+) -> Mixture:
+    """Find how to combine ``bank``'s experts for ``target`` from a few examples.
+
+    Args:
+        bank: the expert bank (checked against the student).
+        student: a ``Student`` (``.model`` frozen causal LM, ``.tokenizer``, ``.identity``).
+        shots: records ``{"input", "output"}`` of the target task in the training format.
+        method: "search" (nevergrad NGOpt, the paper's), "gradient" (Adam through dG), "router"
+            (per-layer per-token routers trained on ``router_data``) or "uniform" (1/E each).
+        mode: "weight" (the paper's weighted sums of A and B) or "output" composition.
+        budget: search: candidates; gradient: forward+backward evaluations; router: training steps.
+        l1: L1 penalty weight on mean |w| (search, gradient).
+        bounds: (low, high) of every weight (search, gradient).
+        seed: seed of the search and of the router's init and batches.
+        target: the target task's name (recorded in the mixture).
+        router_data: task -> training records for the router (required for method "router").
+        top_k: router top-k (0 = dense softmax).
+        lr: learning rate (gradient: default 0.2; router: default 5e-3).
+        max_len: tokens per example.
+        batch_size: shots per forward pass.
+        bank_dir: the bank's directory, recorded (with its tensors' sha256) in the mixture.
+        backend: kernel backend of the injection.
+        handle: an existing injection of ``bank`` into ``student.model`` to reuse (its mode is set
+            for the call and restored); None injects here and removes the layers afterwards.
+    Returns:
+        The Mixture (not yet saved; see ``mixture.save_mixture``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be a positive int, got {budget!r}")
+    lo, hi = (float(b) for b in bounds)
+    if not lo <= 0.0 <= hi or lo == hi:
+        raise ValueError(f"bounds must satisfy low <= 0 <= high with low < high (the search starts at 0), got {bounds}")
+    if not l1 >= 0:
+        raise ValueError(f"l1 must be >= 0, got {l1}")
+    if method == "router" and not router_data:
+        raise ValueError("method 'router' needs router_data: the seen tasks' training records (task -> records)")
+    shots = check_shots(shots)
+    bank.check_student(student)
+    model, tokenizer = student.model, student.tokenizer
+    device = next(model.parameters()).device
+    batches = prepare_shots(shots, tokenizer, target=target, max_len=max_len, batch_size=batch_size, device=device)
+
+    own = handle is None
+    if own:
+        handle = inject_experts(model, bank, mode=mode, backend=backend)
+    previous_mode, previous_gates = handle.state.mode, handle.state.gates
+    previous_router = handle.router_state() if handle.has_router else None
+    previous_top_k = next(iter(handle.layers.values())).top_k
+    handle.set_mode(mode)
+    handle.detach_router()
+    was_training = model.training
+    model.eval()  # dropout off: the objective must be deterministic
+    e = bank.num_experts
+    t0 = time.perf_counter()
+    try:
+        objective = ShotsObjective(handle, batches, l1)
+        zero = torch.zeros(e)
+        # gradient in output mode evaluates w = 0 at its first step; everything else measures it here.
+        loss_before = None if (method == "gradient" and mode == "output") else objective.loss(zero)
+        info: dict = {"shots": len(shots), "shots_tokens": objective.total, "shots_batches": len(batches)}
+        router_state = None
+        if method == "search":
+            res = search_weights(objective, e, budget=budget, bounds=(lo, hi), seed=seed, start_value=loss_before)
+            w = res.weights
+            info.update(budget=budget, l1=l1, bounds=[lo, hi], optimizer="nevergrad.NGOpt", trace=res.trace)
+        elif method == "gradient":
+            lr_used = DEFAULT_GRADIENT_LR if lr is None else float(lr)
+            start = torch.full((e,), 1.0 / e) if mode == "weight" else None
+            res = gradient_weights(objective, e, budget=budget, bounds=(lo, hi), lr=lr_used, start=start,
+                                   start_value=loss_before)
+            w = res.weights
+            if loss_before is None:
+                loss_before = res.trace[0]  # the first step was w = 0, where f has no L1 part
+            info.update(budget=budget, l1=l1, bounds=[lo, hi], optimizer="adam", lr=lr_used,
+                        start="uniform 1/E" if start is not None else "0", trace=res.trace)
+        elif method == "uniform":
+            w = torch.full((e,), 1.0 / e)
+        else:  # router
+            lr_used = DEFAULT_ROUTER_LR if lr is None else float(lr)
+            losses = train_router(handle, tokenizer, router_data, steps=budget, top_k=top_k, seed=seed, lr=lr_used,
+                                  max_len=max_len)
+            router_state = handle.router_state()
+            w = mean_routing(handle, batches)
+            info.update(steps=budget, lr=lr_used, router_tasks=sorted(router_data), router_losses=losses,
+                        weights_are="mean routed gate on the shots")
+        if method == "router":
+            loss_after = objective_after = _router_shots_loss(handle, objective)
+        elif method == "uniform":
+            loss_after = objective.loss(w)
+            objective_after = loss_after + float(objective.penalty(w))
+        else:  # search and gradient evaluated their best w already: no extra forward
+            objective_after = res.objective
+            loss_after = res.objective - float(objective.penalty(w))
+        info.update(objective_before=loss_before, objective_after=objective_after,
+                    seconds=round(time.perf_counter() - t0, 3))
+        evaluations = objective.evaluations + (budget if method == "router" else 0)
+    finally:
+        if own:
+            handle.remove()
+        else:
+            handle.detach_router()
+            if previous_router is not None:
+                handle.attach_router(previous_router, top_k=previous_top_k)
+            handle.state.mode, handle.state.gates = previous_mode, previous_gates
+        model.train(was_training)
+    weights = {n: float(w[i]) for i, n in enumerate(bank.names)}
+    return Mixture(
+        experts=list(bank.names), weights=weights, mode=mode, method=method, seed=seed, target=target,
+        bank=bank_record(bank, bank_dir), shots_loss_before=loss_before, shots_loss_after=loss_after,
+        evaluations=evaluations, top_k=top_k if method == "router" else 0, info=info, router_state=router_state,
+    )
+
+
+def _router_shots_loss(handle: MixtureHandle, objective: ShotsObjective) -> float:
+    """Mean CE on the shots with the routers attached (they ignore the shared gates)."""
+    total = 0.0
+    with torch.no_grad():
+        for batch, n in zip(objective.batches, objective.counts):
+            total += float(_batch_loss(handle.model, batch)) * n
+    objective.evaluations += 1
+    return total / objective.total

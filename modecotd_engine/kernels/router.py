@@ -1,0 +1,246 @@
+"""Routed multi-LoRA-expert linear layer: a learned per-token router computes the gates.
+
+One target linear layer: frozen ``W`` (N, K), optional bias ``b``, E experts ``A_e`` (r, K),
+``B_e`` (N, r), scale ``s``, and a router ``R`` (E, K). For each token ``x_t``::
+
+    z_t = R x_t                                  router logits (E,)
+    G_t = softmax(z_t)                           dense routing (top_k = 0)
+    G_t = softmax(z_t restricted to its k largest entries), 0 elsewhere      (top_k = k)
+    y_t = lora_mixture(x_t; G_t)                 output or weight composition (see reference.py)
+
+Grouped form (DESIGN.md item 5): the router's E rows are appended to ``A_cat``, so ONE shrink GEMM
+against ``[A_cat; R]`` (E*r + E, K) yields both ``H`` (T, E*r) and the logits ``Z`` (T, E)::
+
+    [H | Z] = X [A_cat; R]^T
+    G       = softmax / top-k of Z               (the epilogue)
+    H~      = s G[t,e] H[t,e]                    output mode
+    H~      = s G[t,e] u_t, u_t = sum_e G[t,e] H[t,e]     weight mode
+    Y       = X W^T + b + H~ B_cat^T
+
+Backward (W frozen). ``dG`` is the gate gradient of the plain mixture (reference.py), then the
+softmax Jacobian; with top-k, ``G`` is zero outside the kept set, so the same formula gives zero
+gradient to the dropped logits (top-k selection is piecewise constant)::
+
+    dH~ = dY B_cat                               (T, E, r)
+    output: dH[t,e] = s G[t,e] dH~[t,e];  dG[t,e] = s <dH~[t,e], H[t,e]>
+    weight: du_t = s sum_e G[t,e] dH~[t,e];  dH[t,e] = G[t,e] du_t
+            dG[t,e] = s <dH~[t,e], u_t> + <du_t, H[t,e]>
+    dZ[t,e] = G[t,e] (dG[t,e] - sum_j G[t,j] dG[t,j])
+    dX          = dY W + [dH | dZ] [A_cat; R]    ONE GEMM for the LoRA and router parts
+    [dA_cat; dR] = [dH | dZ]^T X                 ONE GEMM for both weight gradients
+    dB_e        = dY^T H~_e
+
+Two implementations live here:
+
+* :func:`routed_lora_mixture_reference` -- router logits, softmax/top-k written plainly, then the
+  per-expert loop oracle :func:`~modecotd_engine.kernels.reference.lora_mixture_loop`; autograd
+  differentiates it. Tests compare against it in float64.
+* :class:`RoutedLoraMixtureFunction` -- the grouped form above with the backward written out, the
+  path :func:`routed_lora_mixture` takes. There is no fused Triton kernel for the routed mixture
+  yet: ``backend="triton"`` raises, ``backend="auto"`` takes this path on every device (logged once).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .ops import BackendUnavailableError, check_mixture_args
+from .reference import MODES, _cat_b, _mix, lora_mixture_loop
+
+log = logging.getLogger("modecotd_engine.kernels")
+
+_logged_auto: set[str] = set()
+
+
+def _gates_from_logits(z: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Routing gates from router logits, softmax in at least fp32 (bf16 logits lose the small gates).
+
+    Args:
+        z: (T, E) logits.
+        top_k: 0 for dense softmax, else keep the k largest logits per row and renormalize.
+    Returns:
+        (T, E) gates in z's dtype; rows sum to 1.
+    """
+    zf = z if z.dtype == torch.float64 else z.float()
+    if 0 < top_k < z.shape[-1]:
+        keep = torch.zeros_like(zf, dtype=torch.bool).scatter_(-1, zf.topk(top_k, dim=-1).indices, True)
+        zf = zf.masked_fill(~keep, float("-inf"))
+    return torch.softmax(zf, dim=-1).to(z.dtype)
+
+
+def routing_gates(x: torch.Tensor, router: torch.Tensor, top_k: int = 0) -> torch.Tensor:
+    """The gates a router gives each token (no gradient bookkeeping of its own; autograd-safe).
+
+    Args:
+        x: (..., K) input.
+        router: (E, K).
+        top_k: 0 (dense) or 1..E.
+    Returns:
+        (..., E) gates; each row sums to 1.
+    """
+    z = x @ router.to(x.dtype).t()
+    return _gates_from_logits(z.reshape(-1, z.shape[-1]), top_k).view(z.shape)
+
+
+def routed_lora_mixture_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor,
+    scale: float,
+    top_k: int = 0,
+    mode: str = "output",
+) -> torch.Tensor:
+    """Oracle: logits, then softmax over the top-k written with topk + scatter, then the expert loop.
+
+    Args: as :func:`routed_lora_mixture` (no backend). Differentiable by autograd in every input.
+    """
+    z = x @ router.t()  # (..., E)
+    if 0 < top_k < router.shape[0]:
+        vals, idx = z.topk(top_k, dim=-1)
+        gates = torch.zeros_like(z).scatter(-1, idx, torch.softmax(vals, dim=-1))
+    else:
+        gates = torch.softmax(z, dim=-1)
+    return lora_mixture_loop(x, weight, bias, lora_a, lora_b, gates, scale, mode)
+
+
+class RoutedLoraMixtureFunction(torch.autograd.Function):
+    """Grouped routed mixture: one shrink GEMM against ``[A_cat; R]`` (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, router, scale: float, top_k: int, mode: str):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)  # (T, K)
+        num_experts, r, _ = lora_a.shape
+        er = num_experts * r
+        a_r = torch.cat([lora_a.reshape(er, k), router])  # (E*r + E, K): router rows after A_cat
+        hz = x2 @ a_r.t()  # (T, E*r + E): H and the router logits from one GEMM
+        h = hz[:, :er].view(-1, num_experts, r)  # (T, E, r)
+        g = _gates_from_logits(hz[:, er:], top_k)  # (T, E)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        y.addmm_(_mix(h, g, scale, mode).reshape(-1, er), _cat_b(lora_b).t())
+        # H is recomputed in backward (one GEMM) rather than kept: (T, E*r) per layer adds up over a model.
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, router, g)
+        ctx.scale, ctx.mode, ctx.has_bias, ctx.lead = scale, mode, bias is not None, lead
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, lora_a, lora_b, router, g = ctx.saved_tensors
+        scale, mode = ctx.scale, ctx.mode
+        num_experts, r, k = lora_a.shape
+        er = num_experts * r
+        n = weight.shape[0]
+        dy2 = dy.reshape(-1, n)
+        need_x, need_w, need_b, need_a, need_bb, need_r = ctx.needs_input_grad[:6]
+        a_r = torch.cat([lora_a.reshape(er, k), router])  # (E*r + E, K)
+        h = (x2 @ a_r[:er].t()).view(-1, num_experts, r)  # recompute H (T, E, r)
+        dht = (dy2 @ _cat_b(lora_b)).view(-1, num_experts, r)  # (T, E, r)
+        gu = g.unsqueeze(-1)
+        if mode == "output":
+            dh = dht * (scale * gu)
+            dg = scale * (dht * h).sum(-1)
+        else:
+            u = (gu * h).sum(1)  # (T, r)
+            du = scale * (gu * dht).sum(1)  # (T, r)
+            dh = gu * du.unsqueeze(1)
+            dg = scale * (dht * u.unsqueeze(1)).sum(-1) + (h * du.unsqueeze(1)).sum(-1)
+        # softmax backward; zero gates (dropped by top-k) give zero logit gradient.
+        dz = g * (dg - (g * dg).sum(-1, keepdim=True))  # (T, E)
+        dhz = torch.cat([dh.reshape(-1, er), dz], dim=1)  # (T, E*r + E)
+        dx = dw = dbias = da = db = drouter = None
+        if need_x:
+            dx = torch.addmm(dy2 @ weight, dhz, a_r).view(*ctx.lead, k)  # LoRA + router in one GEMM
+        if need_w:
+            dw = dy2.t() @ x2
+        if need_b and ctx.has_bias:
+            dbias = dy2.sum(0)
+        if need_a or need_r:
+            d_ar = dhz.t() @ x2  # (E*r + E, K): dA_cat and dR in one GEMM
+            if need_a:
+                da = d_ar[:er].view(num_experts, r, k)
+            if need_r:
+                drouter = d_ar[er:]
+        if need_bb:
+            db = torch.einsum("tn,ter->enr", dy2, _mix(h, g, scale, mode))
+        return dx, dw, dbias, da, db, drouter, None, None, None
+
+
+def check_router_args(router: torch.Tensor, lora_a: torch.Tensor, x: torch.Tensor, top_k: int) -> None:
+    """Validate the router against the experts and the input; raise ValueError naming the tensor."""
+    if lora_a.dim() != 3:
+        raise ValueError(f"lora_a must be (E, r, K), got {tuple(lora_a.shape)}")
+    e, _, k = lora_a.shape
+    if router.dim() != 2 or tuple(router.shape) != (e, k):
+        raise ValueError(f"router must be (E={e}, K={k}), got {tuple(router.shape)}")
+    if not router.is_floating_point():
+        raise ValueError(f"router must be a floating-point tensor, got {router.dtype}")
+    if router.device != x.device:
+        raise ValueError(f"router is on {router.device} but x is on {x.device}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= e:
+        raise ValueError(f"top_k must be an int in 0..E={e} (0 = dense softmax), got {top_k!r}")
+
+
+def routed_lora_mixture(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor,
+    scale: float,
+    top_k: int = 0,
+    mode: str = "output",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Gated multi-LoRA-expert linear layer whose per-token gates come from a learned router.
+
+    Args:
+        x: (..., K) input.
+        weight: (N, K) frozen weight.
+        bias: (N,) or None.
+        lora_a: (E, r, K) stacked expert A matrices.
+        lora_b: (E, N, r) stacked expert B matrices.
+        router: (E, K) router; logits = x router^T.
+        scale: alpha / r.
+        top_k: 0 for dense softmax gates; k in 1..E keeps the k largest logits per token and
+            renormalizes (top_k = E is dense).
+        mode: "output" or "weight" composition.
+        backend: "auto" or "torch" (the grouped torch path, on any device); "triton" raises
+            BackendUnavailableError: the routed mixture has no fused Triton kernel yet.
+    Returns:
+        (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and router.
+    """
+    if lora_a.dim() == 3 and x.dim() >= 1:
+        # The routed op has no gate tensor: validate the rest with a zero-stride stand-in of the right shape.
+        stand_in = x.new_zeros(()).expand(*x.shape[:-1], lora_a.shape[0])
+        check_mixture_args(x, weight, bias, lora_a, lora_b, stand_in, scale, mode)
+    check_router_args(router, lora_a, x, top_k)
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if backend == "triton":
+        raise BackendUnavailableError(
+            "the routed mixture (learned router) has no Triton kernel yet; use backend='torch' or 'auto' "
+            "(the grouped torch path, which runs on CPU and CUDA)"
+        )
+    if backend == "auto" and x.device.type not in _logged_auto:
+        _logged_auto.add(x.device.type)
+        log.info("routed_lora_mixture backend auto: %s tensors use the grouped torch path "
+                 "(no Triton kernel for the routed mixture)", x.device.type)
+    dt = x.dtype
+    return RoutedLoraMixtureFunction.apply(x, weight, bias, lora_a.to(dt), lora_b.to(dt), router.to(dt),
+                                           float(scale), int(top_k), mode)
+
+
+__all__ = [
+    "MODES",
+    "RoutedLoraMixtureFunction",
+    "check_router_args",
+    "routed_lora_mixture",
+    "routed_lora_mixture_reference",
+    "routing_gates",
+]

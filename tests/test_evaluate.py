@@ -1,0 +1,264 @@
+"""Evaluation: gold answers, extraction and scoring (exact and substring-compatible), mixed-task
+evaluation against one task at a time, the accuracy table, and the `eval` command."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_tiny_student
+from modecotd_engine.cli import eval as eval_cli
+from modecotd_engine.engine import evaluate as ev
+from modecotd_engine.engine.answers import format_output
+from modecotd_engine.engine.experts import ExpertBank
+from modecotd_engine.engine.generate import GenerationConfig, GenerationError, GenerationResult, generate
+from modecotd_engine.engine.inject import inject_experts
+
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from a second thread, and on a busy machine every op would wait
+    # for the slower thread (milliseconds per op): one thread keeps these tests fast and steady.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return make_tiny_student(tmp_path_factory.mktemp("eval") / "student", seed=5, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def base_model(student_dir):
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(student_dir):
+    return AutoTokenizer.from_pretrained(student_dir)
+
+
+def random_bank(model, names=("word_math", "last_letters", "coin_flips"), seed=0):
+    bank = ExpertBank.create(model, list(names), rank=4, alpha=8.0, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in bank.modules:
+        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * 0.3
+    return bank
+
+
+class Scripted:
+    """Stands in for generation: returns fixed texts, so scoring is tested on known generations."""
+
+    def __init__(self, texts):
+        self.texts = texts
+        self.calls = []
+
+    def __call__(self, model, tokenizer, prompts, *, handle=None, gates=None, config=None, stream=None,
+                 progress=False):
+        self.calls.append({"prompts": list(prompts), "gates": gates})
+        texts = [self.texts[p] for p in prompts]
+        n = len(texts)
+        return GenerationResult(texts, [len(t) for t in texts], ["stop"] * n, [0.0] * n, 0.0)
+
+
+def test_gold_answer():
+    assert ev.gold_answer(format_output("3 + 4 = 7.", "7")) == "7"
+    assert ev.gold_answer("a --> b\n\n-->\n\n(C) END") == "(C)"
+    assert ev.gold_answer(" 42 ") == "42"
+    assert ev.gold_answer("yes END") == "yes"
+
+
+def test_scoring_exact_and_substring(monkeypatch):
+    records = [
+        {"input": "q0", "output": format_output("Tom has 3 + 4 = 7.", "7")},  # training-format record
+        {"input": "q1", "output": "12"},
+        {"input": "q2", "output": "5"},
+        {"input": "q3", "output": "2"},
+        {"input": "q4", "output": "1,000"},
+    ]
+    fake = Scripted({
+        "q0": "3 + 4 = 7.\n\n-->\n\n7 END",  # marker: right
+        "q1": "So the answer is 12.",  # no marker: last number, right
+        "q2": "I do not know",  # nothing to extract
+        "q3": "-->\n\n26 END",  # wrong; the original substring scoring counts it right ("2" in "26")
+        "q4": "--> 1000 END",  # thousands separators normalised
+    })
+    monkeypatch.setattr(ev, "generate_detailed", fake)
+    r = ev.evaluate_records(None, None, records, task="word_math")
+    assert (r.task_type, r.n, r.correct, r.unextracted) == ("arithmetic", 5, 3, 1)
+    assert r.accuracy == pytest.approx(0.6)
+    assert [p["correct"] for p in r.predictions] == [True, True, False, False, True]
+    assert r.predictions[2]["prediction"] is None and r.predictions[3]["prediction"] == "26"
+    assert r.predictions[0]["gold"] == "7" and r.predictions[0]["generation"].endswith("7 END")
+    compat = ev.evaluate_records(None, None, records, task="word_math", compat_substring=True)
+    assert [p["correct"] for p in compat.predictions] == [True, True, False, True, False]
+    # task type from the gold answers when the name is unknown, or given explicitly
+    choice = [{"input": "q5", "output": "C"}, {"input": "q6", "output": "(A)"}]
+    fake.texts.update({"q5": "so (C) is right", "q6": "--> B END"})
+    r2 = ev.evaluate_records(None, None, choice, task="my_quiz")
+    assert r2.task_type == "choice" and r2.correct == 1
+    r3 = ev.evaluate_records(None, None, choice, task="my_quiz", task_type="text")
+    assert r3.task_type == "text" and r3.correct == 0
+
+
+def test_evaluate_many_serves_every_task_in_one_call(monkeypatch, base_model):
+    bank = random_bank(copy.deepcopy(base_model))
+    handle = inject_experts(copy.deepcopy(base_model), bank)
+    fake = Scripted({"a0": "--> 1 END", "a1": "--> 2 END", "b0": "--> yes END", "c0": "--> 3 END"})
+    monkeypatch.setattr(ev, "generate_detailed", fake)
+    tasks = {"word_math": [{"input": "a0", "output": "1"}, {"input": "a1", "output": "3"}],
+             "coin_flips": [{"input": "b0", "output": "yes"}],
+             "price_math": [{"input": "c0", "output": "3"}]}
+    res = ev.evaluate_many(None, None, tasks, handle=handle,
+                           gates={"word_math": bank.weights_vector("word_math"),
+                                  "coin_flips": bank.weights_vector({"coin_flips": 0.5, "word_math": 0.5})})
+    assert len(fake.calls) == 1  # one shared generation call
+    g = fake.calls[0]["gates"]
+    assert g.shape == (4, 3)
+    torch.testing.assert_close(g, torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.5, 0, 0.5], [0.0, 0, 0]]))
+    assert [r.correct for r in res.values()] == [1, 1, 1] and list(res) == list(tasks)
+    with pytest.raises(GenerationError, match="not evaluated"):
+        ev.evaluate_many(None, None, tasks, handle=handle, gates={"nope": torch.zeros(3)})
+    with pytest.raises(GenerationError, match="without a MixtureHandle"):
+        ev.evaluate_many(None, None, tasks, gates={"word_math": torch.ones(3)})
+    with pytest.raises(GenerationError, match="record 0 has no string 'output'"):
+        ev.evaluate_many(None, None, {"t": [{"input": "x"}]})
+
+
+def test_mixed_task_evaluation_matches_one_task_at_a_time(base_model, tokenizer):
+    """Real generation: tasks with different gates in shared batches score as when run alone."""
+    model = copy.deepcopy(base_model)
+    bank = random_bank(model)
+    handle = inject_experts(model, bank)
+    tasks = {
+        "word_math": [{"input": f"Q: {a} plus {b}?\nA:", "output": str(a + b)} for a, b in ((2, 3), (7, 1))],
+        "last_letters": [{"input": "Q: last letters of 'ox cat'?\nA:", "output": "xt"}],
+        "coin_flips": [{"input": "Q: Is the coin still heads up?\nA:", "output": "yes"}],
+    }
+    gates = {"word_math": bank.weights_vector("word_math"),
+             "last_letters": bank.weights_vector({"last_letters": 0.6, "coin_flips": -0.4}),
+             "coin_flips": None}
+    cfg = GenerationConfig(max_new_tokens=10, stop_strings=(), batch_size=3)
+    together = ev.evaluate_many(model, tokenizer, tasks, handle=handle, gates=gates, config=cfg)
+    for task, records in tasks.items():
+        alone = ev.evaluate_records(model, tokenizer, records, task=task, handle=handle, gate=gates[task], config=cfg)
+        assert [p["generation"] for p in together[task].predictions] == [p["generation"] for p in alone.predictions]
+        direct = generate(model, tokenizer, [r["input"] for r in records], handle=handle,
+                          gates=None if gates[task] is None else gates[task].expand(len(records), -1), config=cfg)
+        assert [p["generation"] for p in alone.predictions] == direct
+        assert (together[task].correct, together[task].unextracted) == (alone.correct, alone.unextracted)
+
+
+def _result(task, ttype, n, correct, unextracted):
+    return ev.TaskResult(task, ttype, n, correct, unextracted, [])
+
+
+def test_accuracy_table():
+    results = {"word_math": _result("word_math", "arithmetic", 10, 7, 1),
+               "coin_flips": _result("coin_flips", "boolean", 4, 2, 0),
+               "price_math": _result("price_math", "arithmetic", 5, 1, 3)}
+    table = ev.accuracy_table(results, seen={"word_math", "coin_flips"})
+    lines = table.strip().splitlines()
+    assert lines[0] == "| task | type | seen | n | correct | accuracy | unextracted |"
+    assert "| word_math | arithmetic | yes | 10 | 7 | 70.0% | 1 |" in lines
+    assert "| price_math | arithmetic | no | 5 | 1 | 20.0% | 3 |" in lines
+    # macro averages: seen (70% + 50%) / 2, unseen 20%, all (70 + 50 + 20) / 3
+    assert "| **average seen** (2 tasks) | | | 14 | 9 | **60.0%** | 1 |" in lines
+    assert "| **average unseen** (1 tasks) | | | 5 | 1 | **20.0%** | 3 |" in lines
+    assert "| **average all** (3 tasks) | | | 19 | 10 | **46.7%** | 4 |" in lines
+    plain = ev.accuracy_table(results)
+    assert "seen" not in plain and "| **average all** (3 tasks) | | 19 | 10 | **46.7%** | 4 |" in plain
+    assert ev.averages(results, seen=set()) == {"all": pytest.approx(140 / 300), "seen": None,
+                                                 "unseen": pytest.approx(140 / 300)}
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    eval_cli.register(parser.add_subparsers())
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory, student_dir, base_model):
+    root = tmp_path_factory.mktemp("evalcli")
+    bank = random_bank(copy.deepcopy(base_model))
+    bank.save(root / "bank")
+    data = root / "data"
+    data.mkdir()
+    rows = {"word_math": [{"input": f"Q: {a}+{b}?\nA:", "output": str(a + b)} for a, b in ((1, 2), (3, 4), (5, 5))],
+            "price_math": [{"input": "Q: 9-2?\nA:", "output": "7"}]}
+    for t, recs in rows.items():
+        (data / f"{t}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    mixtures = root / "mixtures"
+    mixtures.mkdir()
+    from modecotd_engine.engine.mixture import Mixture, bank_record, save_mixture
+
+    for t, w in (("word_math", {"word_math": 1.0}), ("price_math", {"word_math": 0.8, "coin_flips": -0.5})):
+        save_mixture(Mixture(experts=list(bank.names), weights=w, mode="weight", method="search", seed=0, target=t,
+                             bank=bank_record(bank, root / "bank"), shots_loss_before=None, shots_loss_after=None,
+                             evaluations=None), mixtures / f"{t}.json")
+    return root, student_dir
+
+
+def test_eval_command_writes_results(eval_setup, capsys):
+    root, student = eval_setup
+    out = root / "out_mix"
+    args = _parse(["eval", "--student", str(student), "--bank", str(root / "bank"), "--data", str(root / "data"),
+                   "--mixtures", str(root / "mixtures"), "--max-new-tokens", "6", "--out", str(out),
+                   "--no-progress"])
+    assert args.func(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"price_math", "word_math"}
+    assert summary["tasks"]["word_math"]["n"] == 3 and summary["tasks"]["word_math"]["seen"] is True
+    assert summary["tasks"]["price_math"]["seen"] is False and summary["tasks"]["price_math"]["mode"] == "weight"
+    preds = [json.loads(x) for x in (out / "predictions" / "word_math.jsonl").read_text().splitlines()]
+    assert [p["gold"] for p in preds] == ["3", "7", "10"]
+    assert all(set(p) >= {"input", "prediction", "generation", "correct"} for p in preds)
+    md = (out / "results.md").read_text()
+    assert "| word_math | arithmetic | yes | 3 |" in md and "average unseen" in md
+    assert "| word_math |" in capsys.readouterr().out
+    # the stored generations are what the mixture produces for those prompts
+    model = copy.deepcopy(AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval())
+    bank = ExpertBank.load(root / "bank")
+    handle = inject_experts(model, bank, mode="weight")
+    tok = AutoTokenizer.from_pretrained(student)
+    g = bank.weights_vector({"word_math": 1.0}).expand(3, -1)
+    direct = generate(model, tok, [p["input"] for p in preds], handle=handle, gates=g,
+                      config=GenerationConfig(max_new_tokens=6))
+    assert [p["generation"] for p in preds] == direct
+
+
+def test_eval_command_errors(eval_setup):
+    root, student = eval_setup
+    base = ["eval", "--student", str(student), "--data", str(root / "data"), "--out", str(root / "o")]
+    with pytest.raises(GenerationError, match="need --bank"):
+        args = _parse(base + ["--per-task"])
+        args.func(args)
+    with pytest.raises(GenerationError, match=r"price_math have no expert of their own .*experts: word_math"):
+        args = _parse(base + ["--bank", str(root / "bank"), "--per-task"])
+        args.func(args)
+    with pytest.raises(ValueError, match="unknown expert 'gsm8k'; known experts: word_math, last_letters"):
+        args = _parse(base + ["--bank", str(root / "bank"), "--experts", "gsm8k"])
+        args.func(args)
+    with pytest.raises(ValueError, match="tasks not found: svamp"):
+        args = _parse(base + ["--tasks", "svamp"])
+        args.func(args)
+
+
+def test_eval_help_documents_compat_substring(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "'26' counts as correct for gold '2'" in text
