@@ -51,10 +51,10 @@ class TrainConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    steps: int = 120
+    steps: int = 150
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup: int = 10
     weight_decay: float = 0.0
