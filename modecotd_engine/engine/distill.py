@@ -216,7 +216,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             task_loss[task] = task_loss.get(task, 0.0) + loss_sum
             task_tok[task] = task_tok.get(task, 0) + int((lab[:, 1:] != -100).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
+        active = sorted({int(t) for b in micro for t in b.task_ids.tolist()})
+        _lazy_step(opt, params, active, len(names))
         opt.zero_grad(set_to_none=True)
         handle.set_gates(None)
         dt = time.perf_counter() - t0
@@ -438,6 +439,34 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, bank: ExpertBank, params, opt
     sd["state"] = state
     opt.load_state_dict(sd)
     return int(meta["step"])
+
+
+# ---------------------------------------------------------------------- optimizer
+def _lazy_step(opt: torch.optim.Optimizer, params, active: list[int], num_experts: int) -> None:
+    """AdamW step that leaves the experts absent from this step untouched (weights and moments).
+
+    Every LoRA tensor stacks the experts on dim 0, and a step's batches hold only some tasks. Plain
+    AdamW would keep moving an absent expert along its stale momentum (m / sqrt(v) decays slowly),
+    so its loss jumps when its task comes back: measured on the default run at lr 3e-3, spikes from
+    ~0.3 to 3.9-4.6 nats on task switches. Restoring the absent slices makes each expert follow its
+    own batches only, as if trained alone (the step count for bias correction stays global).
+    """
+    if len(active) == num_experts:
+        opt.step()
+        return
+    idle = torch.tensor([e for e in range(num_experts) if e not in active], device=params[0].device)
+    saved = []
+    for p in params:
+        st = opt.state.get(p, {})
+        moments = {k: v.index_select(0, idle) for k, v in st.items() if torch.is_tensor(v) and v.dim() == p.dim()}
+        saved.append((p, p.detach().index_select(0, idle), moments))
+    opt.step()
+    with torch.no_grad():
+        for p, weights, moments in saved:
+            p.index_copy_(0, idle, weights)
+            st = opt.state[p]
+            for k, v in moments.items():
+                st[k].index_copy_(0, idle, v)
 
 
 # ---------------------------------------------------------------------- small helpers
