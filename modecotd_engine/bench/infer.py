@@ -32,13 +32,14 @@ import copy
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .common import device_name, sync, versions
 
 NUM_REQUESTS = 64
 NUM_EXPERTS = 10
@@ -48,44 +49,6 @@ TARGETS = ("q_proj", "v_proj")
 # B ~ N(0, B_STD^2): large enough that every expert changes the student's greedy text, small
 # enough that the text stays language-like (lengths and tokens like a trained expert's).
 B_STD = 0.01
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def _versions() -> dict:
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:
-        out["peft"] = None
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
 
 
 def _prompts(n: int) -> list[str]:
@@ -115,12 +78,12 @@ class _Clock:
         self.wall = self.cpu = 0.0
 
     def __enter__(self):
-        _sync(self.device)
+        sync(self.device)
         self._w, self._c = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc):
-        _sync(self.device)
+        sync(self.device)
         self.wall += time.perf_counter() - self._w
         self.cpu += time.process_time() - self._c
         return False
@@ -284,7 +247,6 @@ def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, 
     Returns:
         The result dict written to ``infer.json``.
     """
-    from ..engine.student import load_student
 
     out_dir = Path(out_dir)
     new_tokens, repeats = (32, 3) if quick else (64, 5)
@@ -362,9 +324,9 @@ def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repea
     result = {
         "benchmark": "infer",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(bench.device),
+        "device": device_name(bench.device),
         "dtype": str(st.dtype).replace("torch.", ""),
-        "versions": _versions(),
+        "versions": versions("peft", "triton"),
         "student": st.identity,
         "workload": {"requests": NUM_REQUESTS, "experts": NUM_EXPERTS, "rank": RANK, "alpha": ALPHA,
                      "targets": list(TARGETS), "new_tokens_per_request": new_tokens, "greedy": True,

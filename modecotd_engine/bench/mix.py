@@ -29,12 +29,13 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from .common import device_name, sync, versions
 
 TARGET = "price_math"
 NUM_SHOTS = 5
@@ -47,40 +48,6 @@ BUDGET = 40
 QUICK_BUDGET = 10
 L1 = 0.05
 SPEEDUP_TARGET = 3.0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {name} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-
-
-def _versions() -> dict:
-    import nevergrad
-    import transformers
-
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "nevergrad": nevergrad.__version__}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:
-        out["peft"] = None
-    return out
 
 
 def _load_average() -> list[float] | None:
@@ -123,10 +90,10 @@ class _PaperObjective:
                 term = float(w[i]) * state[key]
                 acc = term if acc is None else acc + term
             merged[key] = acc
-        _sync(self.device)
+        sync(self.device)
         t1 = time.perf_counter()
         set_peft_model_state_dict(self.model, merged)
-        _sync(self.device)
+        sync(self.device)
         t2 = time.perf_counter()
         with torch.no_grad():
             out = self.model(input_ids=self.batch.input_ids, attention_mask=self.batch.attention_mask,
@@ -220,11 +187,11 @@ def _run(out_dir, student, quick: bool, repeats: int | None) -> dict:
             for step in range(budget):
                 order = ("ours", "paper") if step % 2 == 0 else ("paper", "ours")
                 for side in order:
-                    _sync(device)
+                    sync(device)
                     t0, c0 = time.perf_counter(), time.process_time()
                     w, cached = searches[side].ask()
                     searches[side].tell(cached if cached is not None else objectives[side](w))
-                    _sync(device)
+                    sync(device)
                     wall[side] += time.perf_counter() - t0
                     cpu[side] += time.process_time() - c0
             for side in objectives:
@@ -242,9 +209,9 @@ def _run(out_dir, student, quick: bool, repeats: int | None) -> dict:
     report = {
         "benchmark": "mix: one gradient-free search, ours vs the paper's merge-and-load per candidate",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(device),
+        "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
-        "versions": _versions(),
+        "versions": versions("nevergrad", "peft"),
         "load_average": _load_average(),
         "student": st.identity,
         "dtype": str(st.dtype).replace("torch.", ""),

@@ -11,13 +11,13 @@ timed), peak memory, and the final loss of each side.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from .common import device_name, versions
 from ..engine.data import BatchPlan, tokenize_records
 from ..engine.distill import TrainConfig, lr_at
 from ..engine.experts import ExpertBank
@@ -28,19 +28,8 @@ from ..engine.tasks import SEEN_TASKS, generate_records
 
 
 def _env(device: torch.device) -> dict:
-    import transformers
-
-    info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
-    try:
-        import peft
-
-        info["peft"] = peft.__version__
-    except ImportError:
-        info["peft"] = None
-    return info
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(device),
+            **versions("peft")}
 
 
 def _plan(student, tasks, n_train, batch_size, max_len, seed):
