@@ -16,6 +16,7 @@ from modecotd_engine.engine.data import (
     collate,
     read_task_dir,
     read_task_file,
+    task_files_in,
     tokenize_records,
 )
 
@@ -408,3 +409,13 @@ def test_cli_check_reports_bad_data(tmp_path, capsys):
     args = parser.parse_args(["data", "builtin", "--out", str(tmp_path / "o"), "--n-eval", "0"])
     assert args.func(args) == 1
     assert "--n-eval must be >= 1" in capsys.readouterr().err
+
+
+def test_task_dir_skips_sidecars_of_data_files(tmp_path):
+    """``teach`` writes NAME.jsonl.summary.json beside its output: not a task of its own."""
+    import json as _json
+
+    (tmp_path / "word_math.jsonl").write_text(_json.dumps({"input": "Q: 1+1\nA:", "output": "1 + 1 = 2.\n\n-->\n\n2 END"}) + "\n")
+    (tmp_path / "word_math.jsonl.summary.json").write_text(_json.dumps({"asked": 1}))
+    assert [p.name for p in task_files_in(tmp_path)] == ["word_math.jsonl"]
+    assert list(read_task_dir(tmp_path)) == ["word_math"]

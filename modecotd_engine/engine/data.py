@@ -163,11 +163,16 @@ def read_task_file(path: str | Path, *, require_marker: bool = True, missing_mar
 
 
 def task_files_in(path: str | Path) -> list[Path]:
-    """Task files directly inside a directory (hidden and temporary files skipped), sorted by name."""
+    """Task files directly inside a directory, sorted by name.
+
+    Skipped: hidden files, and sidecars of a data file such as ``NAME.jsonl.summary.json`` (what
+    ``teach`` writes beside its output): a stem that itself holds a data suffix is not a task.
+    """
     path = Path(path)
     return sorted(
         p for p in path.iterdir()
         if p.is_file() and p.suffix in TASK_FILE_SUFFIXES and not p.name.startswith(".")
+        and not any(f"{suffix}." in p.name for suffix in TASK_FILE_SUFFIXES)
     )
 
 
