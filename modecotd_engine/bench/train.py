@@ -19,7 +19,7 @@ import torch
 
 from .common import device_name, versions
 from ..engine.data import BatchPlan, tokenize_records
-from ..engine.distill import TrainConfig, lr_at
+from ..engine.distill import TrainConfig, _lazy_step, lr_at
 from ..engine.experts import ExpertBank
 from ..engine.inject import inject_experts
 from ..engine.loss import supervised_loss
@@ -58,7 +58,7 @@ def _ours(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
         loss = supervised_loss(model, b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
+        _lazy_step(opt, params, sorted(set(b.task_ids.tolist())), len(names))  # as the training loop
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -80,9 +80,11 @@ def _peft(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
 
     names = sorted(index)
     per_task: dict[str, list] = {n: [] for n in names}
+    task_steps: dict[str, list[int]] = {n: [] for n in names}
     for step in range(steps):  # the same batches the engine sees, split by task
         b = plan.batch(step)
         per_task[names[int(b.task_ids[0])]].append(b)
+        task_steps[names[int(b.task_ids[0])]].append(step)
 
     class _Timer(TrainerCallback):
         def __init__(self):
@@ -118,12 +120,15 @@ def _peft(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
         timer = _Timer()
         args = TrainingArguments(
             output_dir="/tmp/modecotd-bench-peft", per_device_train_batch_size=1, max_steps=len(batches),
-            learning_rate=cfg.lr, lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio}, warmup_steps=min(cfg.warmup, len(batches)),
-            max_grad_norm=cfg.clip, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
+            learning_rate=cfg.lr, max_grad_norm=cfg.clip, weight_decay=0.0, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=device.type != "cuda", disable_tqdm=True, dataloader_num_workers=0, seed=0,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=_Batches(batches),
+        # Each batch gets the lr the engine gives it at the same global step, so both sides see the same
+        # schedule and their final losses can be compared.
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+        own = task_steps[name]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i, own=own: lr_at(own[min(i, len(own) - 1)], cfg) / cfg.lr)
+        trainer = Trainer(model=model, args=args, train_dataset=_Batches(batches), optimizers=(opt, sched),
                           data_collator=lambda items: items[0], callbacks=[timer])
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
