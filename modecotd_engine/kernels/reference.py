@@ -109,10 +109,11 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)  # (T, K)
         g2 = gates.reshape(-1, gates.shape[-1])  # (T, E)
         num_experts, r, _ = lora_a.shape
-        sparse = mode == "output" and not ctx.needs_input_grad[5] and _sparse_pays(g2)
+        plan = _sparse_plan(g2) if mode == "output" and not ctx.needs_input_grad[5] else None
+        sparse = plan is not None
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         if sparse:
-            for e, rows in _active_rows(g2):
+            for e, rows in plan:
                 xe = x2 if rows is None else x2.index_select(0, rows)
                 ge = g2[:, e] if rows is None else g2.index_select(0, rows)[:, e]
                 ht = (xe @ lora_a[e].t()) * (scale * ge).unsqueeze(1)  # (n_e, r)
@@ -126,6 +127,7 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
             y.addmm_(ht.reshape(-1, num_experts * r), _cat_b(lora_b).t())
         ctx.save_for_backward(x2, weight, lora_a, lora_b, g2)
         ctx.scale, ctx.mode, ctx.sparse, ctx.has_bias = scale, mode, sparse, bias is not None
+        ctx.plan = plan  # the backward reuses the rows of each active expert
         ctx.lead, ctx.gates_shape = lead, gates.shape
         return y.view(*lead, y.shape[-1])
 
@@ -144,7 +146,7 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
         db = torch.zeros_like(lora_b) if need_bb else None
         dg = None
         if ctx.sparse:
-            for e, rows in _active_rows(g2):
+            for e, rows in ctx.plan:
                 xe = x2 if rows is None else x2.index_select(0, rows)
                 dye = dy2 if rows is None else dy2.index_select(0, rows)
                 ge = (g2[:, e] if rows is None else g2.index_select(0, rows)[:, e]).unsqueeze(1)
@@ -202,26 +204,23 @@ def _mix(h: torch.Tensor, g2: torch.Tensor, scale: float, mode: str) -> torch.Te
 SPARSE_MIN_ROWS = 256
 
 
-def _sparse_pays(g2: torch.Tensor) -> bool:
-    """One-hot rows, and either one active expert or enough rows per expert to amortise the gathers."""
-    if not one_hot_rows(g2):
-        return False
-    return g2.shape[0] >= SPARSE_MIN_ROWS or int((g2 != 0).any(0).sum()) <= 1
+def _sparse_plan(g2: torch.Tensor) -> list[tuple[int, torch.Tensor | None]] | None:
+    """(expert, rows) for each expert with a nonzero gate, when the per-expert path pays; else None.
 
-
-def _active_rows(g2: torch.Tensor):
-    """Yield (expert, rows) for experts with a nonzero gate; rows is None when all rows are active.
-
-    Called only for one-hot rows, so each row belongs to at most one expert. The loop is over the
-    experts present in the batch, each touching only its own rows: total work is one LoRA's.
+    It pays for one-hot rows (each row belongs to at most one expert) with either a single active
+    expert or at least SPARSE_MIN_ROWS rows. ``rows`` is None when the expert has every row. The
+    loop over the plan touches each expert's own rows only: total work is one LoRA's. The gate mask
+    is read once here (one host sync) and the plan is reused by the backward.
     """
+    if not one_hot_rows(g2):
+        return None
     nz = g2 != 0  # (T, E)
     counts = nz.sum(0).tolist()
+    active = [e for e, c in enumerate(counts) if c]
+    if len(active) > 1 and g2.shape[0] < SPARSE_MIN_ROWS:
+        return None
     t = g2.shape[0]
-    for e, c in enumerate(counts):
-        if c == 0:
-            continue
-        yield e, (None if c == t else nz[:, e].nonzero().squeeze(1))
+    return [(e, None if counts[e] == t else nz[:, e].nonzero().squeeze(1)) for e in active]
 
 
 def lora_mixture_torch(x, weight, bias, lora_a, lora_b, gates, scale, mode="output"):
