@@ -68,5 +68,27 @@ def tiny_tokenizer():
     return make_byte_tokenizer()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests: their matmuls gain nothing from a second
+    thread, and on a busy 2-core machine every op waits at the OpenMP barrier for the slower one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_random_bank(model, names, *, seed: int = 0, b_std: float = 0.3, rank: int = 4, alpha: float = 8.0):
+    """A bank over ``model``'s q/v projections whose experts all change the model (B ~ N(0, b_std^2);
+    a fresh bank's B is zero)."""
+    from modecotd_engine.engine.experts import ExpertBank
+
+    bank = ExpertBank.create(model, list(names), rank=rank, alpha=alpha, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in bank.modules:
+        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * b_std
+    return bank
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())

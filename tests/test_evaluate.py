@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_student
+from conftest import make_tiny_student, make_random_bank
 from modecotd_engine.cli import eval as eval_cli
 from modecotd_engine.engine import evaluate as ev
 from modecotd_engine.engine.answers import format_output
@@ -21,14 +21,7 @@ from modecotd_engine.engine.inject import inject_experts
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and on a busy machine every op would wait
-    # for the slower thread (milliseconds per op): one thread keeps these tests fast and steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
@@ -48,11 +41,7 @@ def tokenizer(student_dir):
 
 
 def random_bank(model, names=("word_math", "last_letters", "coin_flips"), seed=0):
-    bank = ExpertBank.create(model, list(names), rank=4, alpha=8.0, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in bank.modules:
-        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * 0.3
-    return bank
+    return make_random_bank(model, names, seed=seed, b_std=0.3)
 
 
 class Scripted:

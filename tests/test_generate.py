@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_student
+from conftest import make_tiny_student, make_random_bank
 from modecotd_engine.engine.experts import ExpertBank, ExpertBankError
 from modecotd_engine.engine.generate import (
     GenerationConfig,
@@ -33,14 +33,7 @@ NO_STOP = GenerationConfig(max_new_tokens=12, stop_strings=())
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from a second thread, and on a busy machine every op would wait
-    # for the slower thread (milliseconds per op): one thread keeps these tests fast and steady.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
@@ -62,11 +55,7 @@ def tokenizer(student_dir):
 
 
 def random_bank(model, names=("add", "letters", "coins"), seed=0):
-    bank = ExpertBank.create(model, list(names), rank=4, alpha=8.0, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in bank.modules:  # B is zero at creation; give every expert a real update
-        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * 0.3
-    return bank
+    return make_random_bank(model, names, seed=seed, b_std=0.3)
 
 
 @pytest.fixture()

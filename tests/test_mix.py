@@ -28,13 +28,7 @@ W_STAR = torch.tensor([0.0, 1.0, 0.0])
 NAMES = ["a", "b", "c"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: with 2 threads on a busy 2-core machine the OpenMP barriers cost 100x the work.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 import torch
+from conftest import make_random_bank
 from transformers import AutoModelForCausalLM
 
-from modecotd_engine.engine.experts import ExpertBank
 from modecotd_engine.engine.inject import inject_experts
 from modecotd_engine.kernels import BackendUnavailableError, lora_mixture_loop
 from modecotd_engine.kernels.router import (RoutedLoraMixtureFunction, routed_lora_mixture,
@@ -152,11 +152,7 @@ def base_model(tiny_student_dir):
 
 
 def random_bank(model, names=("a", "b", "c"), seed=0):
-    bank = ExpertBank.create(model, list(names), rank=4, alpha=8.0, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in bank.modules:
-        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * 0.2
-    return bank
+    return make_random_bank(model, names, seed=seed, b_std=0.2)
 
 
 def ids(batch=2, length=9, seed=0):
