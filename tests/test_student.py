@@ -127,7 +127,9 @@ def test_frozen_eval_and_no_meta(tiny_student_dir):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_logits_equal_from_pretrained(tiny_student_dir, dtype):
-    s = load_student(tiny_student_dir, device="cpu", dtype=dtype)
+    # transformers' attention on both sides: this checks loading (the engine's bf16 CPU attention is
+    # checked against SDPA in test_attention.py)
+    s = load_student(tiny_student_dir, device="cpu", dtype=dtype, attention="sdpa")
     ref = _reference(tiny_student_dir, dtype)
     ids = _ids(s.tokenizer)
     with torch.no_grad():

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import select_attention
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -287,6 +289,7 @@ def load_student(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    attention: str = "auto",
 ) -> Student:
     """Load a frozen student from a Hugging Face model directory (safetensors only).
 
@@ -296,6 +299,9 @@ def load_student(
         dtype: weight dtype (torch dtype or "float32" / "bfloat16" / "float16"). Default: float32 on
             CPU, bfloat16 on CUDA.
         device: target device. Default: "cuda" when available, else "cpu".
+        attention: "auto" (the engine's grouped attention on CPU with bf16/fp16 weights, where it is
+            measured faster; transformers' default elsewhere), "grouped", or a transformers name
+            ("sdpa", "eager", ...). See :mod:`modecotd_engine.engine.attention`.
 
     Returns:
         A ``Student`` in eval mode with every parameter frozen.
@@ -374,6 +380,10 @@ def load_student(
         param.requires_grad_(False)
     model.eval()
     model.config.dtype = dtype
+    try:
+        select_attention(model, device, dtype, attention)
+    except (ValueError, ImportError) as exc:
+        raise StudentError(f"attention {attention!r} cannot be used with {root}: {exc}") from None
 
     tokenizer = _load_tokenizer(root)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
