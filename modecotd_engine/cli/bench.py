@@ -22,7 +22,8 @@ def register(subparsers) -> None:
     t.add_argument("--student", default=None, help="student directory (default: the built-in student)")
     t.add_argument("--steps", type=int, default=20, help="optimizer steps for each side")
     t.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="student dtype")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="student dtype for both sides (default: the training loop's auto choice)")
     t.add_argument("--quick", action="store_true", help="at most 10 steps")
     m = sub.add_parser("mix", help="one search (budget 40) vs merging LoRA weights per candidate (the paper's way)")
     m.add_argument("--out", default="docs/bench/mix", help="report directory")
