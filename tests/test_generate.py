@@ -347,7 +347,7 @@ def test_infer_command_mixed_requests(cli_setup, base_model, tokenizer):
     ]
     (root / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests) + "\n")
     out = root / "answers.jsonl"
-    assert _run(["infer", "--student", str(student), "--bank", str(root / "bank"), "--experts", "coins",
+    assert _run(["infer", "--student", str(student), "--dtype", "float32", "--bank", str(root / "bank"), "--experts", "coins",
                  "--input", str(root / "req.jsonl"), "--out", str(out), "--max-new-tokens", "8", "--no-stop"]) == 0
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["id"] for g in got] == list("abcde") and all(g["num_tokens"] == 8 for g in got)
@@ -371,10 +371,10 @@ def test_infer_command_single_prompt_streams(cli_setup, base_model, tokenizer, c
 
     root, student = cli_setup
     want = generate(base_model, tokenizer, [PROMPTS[1]], config=GenerationConfig(max_new_tokens=6))[0]
-    assert _run(["infer", "--student", str(student), "--prompt", PROMPTS[1], "--max-new-tokens", "6"]) == 0
+    assert _run(["infer", "--student", str(student), "--dtype", "float32", "--prompt", PROMPTS[1], "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == want + "\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(PROMPTS[1] + "\n"))  # one trailing newline is dropped
-    assert _run(["infer", "--student", str(student), "--max-new-tokens", "6"]) == 0
+    assert _run(["infer", "--student", str(student), "--dtype", "float32", "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out == want + "\n" and "tokens/s" in captured.err
 
@@ -392,15 +392,15 @@ def test_infer_command_bad_requests(cli_setup, line, message):
     path = root / "bad.jsonl"
     path.write_text('{"prompt": "fine"}\n' + line + "\n")
     with pytest.raises(ValueError, match=message):
-        _run(["infer", "--student", str(student), "--bank", str(root / "bank"), "--input", str(path)])
+        _run(["infer", "--student", str(student), "--dtype", "float32", "--bank", str(root / "bank"), "--input", str(path)])
 
 
 def test_infer_command_needs_a_bank_for_experts(cli_setup):
     root, student = cli_setup
     with pytest.raises(GenerationError, match="need --bank"):
-        _run(["infer", "--student", str(student), "--experts", "add", "--prompt", "hi"])
+        _run(["infer", "--student", str(student), "--dtype", "float32", "--experts", "add", "--prompt", "hi"])
     with pytest.raises(GenerationError, match="empty prompt"):
-        _run(["infer", "--student", str(student), "--prompt", ""])
+        _run(["infer", "--student", str(student), "--dtype", "float32", "--prompt", ""])
 
 
 def test_infer_command_router_mixture(cli_setup, base_model, tokenizer):
@@ -418,7 +418,7 @@ def test_infer_command_router_mixture(cli_setup, base_model, tokenizer):
     requests = [{"prompt": PROMPTS[0], "mixture": str(root / "routed.json")}, {"prompt": PROMPTS[1], "experts": "add"}]
     (root / "req_router.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     out = root / "answers_router.jsonl"
-    assert _run(["infer", "--student", str(student), "--bank", str(root / "bank"), "--input",
+    assert _run(["infer", "--student", str(student), "--dtype", "float32", "--bank", str(root / "bank"), "--input",
                  str(root / "req_router.jsonl"), "--out", str(out), "--max-new-tokens", "8", "--no-stop"]) == 0
     got = [json.loads(x)["output"] for x in out.read_text().splitlines()]
 
@@ -438,7 +438,7 @@ def test_infer_bench_smoke(tmp_path, student_dir):
     """The benchmark runs end to end on the tiny student; our mixed batch and PEFT agree on every text."""
     from modecotd_engine.bench.infer import run_infer_bench
 
-    res = run_infer_bench(tmp_path / "bench", student=str(student_dir), quick=True, threads=1)
+    res = run_infer_bench(tmp_path / "bench", student=str(student_dir), quick=True, threads=1, dtype="float32")
     assert set(res["providers"]) >= {"base student (floor)", "ours: mixed batch", "PEFT: mixed-adapter batch",
                                      "PEFT: merged, task by task"}
     ours = res["providers"]["ours: mixed batch"]

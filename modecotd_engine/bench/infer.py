@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.attention import select_attention
 from .common import device_name, sync, versions
 
 NUM_REQUESTS = 64
@@ -110,6 +111,8 @@ class _Bench:
         self.prompts = _prompts(NUM_REQUESTS)
         self.assign = [i % NUM_EXPERTS for i in range(NUM_REQUESTS)]  # request -> expert
         self.peft_model = copy.deepcopy(student.model)  # PEFT wraps its own copy of the student
+        # ... with transformers' default attention, as a PEFT user gets it (ours may choose another)
+        select_attention(self.peft_model, student.device, student.dtype, "sdpa")
         self.model = student.model
         self.bank = _random_bank(self.model, self.names)
         self.exported = tempfile.TemporaryDirectory(prefix="modecotd-bench-peft-")
@@ -231,7 +234,8 @@ def _agreement(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, threads: int | None = None) -> dict:
+def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, threads: int | None = None,
+                    dtype: str | None = None) -> dict:
     """Run the inference benchmark and write ``infer.json`` and ``infer.md`` under ``out_dir``.
 
     Args:
@@ -243,6 +247,8 @@ def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, 
             other work, 1 thread gives stable figures: with more threads than free cores, every
             matmul waits for its slowest thread (measured here: a (64, 576) x (576, 576) matmul took
             0.5 ms on 1 thread and 16-24 ms on 2 threads while other processes held the 2 cores).
+        dtype: the student's dtype for every provider; None: ``infer``'s default (``auto``: bfloat16
+            on CUDA and on CPUs with native bf16 math, float32 otherwise).
 
     Returns:
         The result dict written to ``infer.json``.
@@ -254,7 +260,7 @@ def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out_dir, student, quick, new_tokens, repeats)
+        return _run(out_dir, student, quick, new_tokens, repeats, dtype)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -266,11 +272,11 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repeats: int) -> dict:
+def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repeats: int, dtype: str | None) -> dict:
     from ..engine.student import load_student
 
     load_before = _load_average()
-    st = load_student(student)
+    st = load_student(student, dtype=dtype or "auto")
     bench = _Bench(st, new_tokens=new_tokens, quick=quick)
     floor_gates = torch.zeros(NUM_REQUESTS, NUM_EXPERTS)
 
@@ -326,6 +332,8 @@ def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repea
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(bench.device),
         "dtype": str(st.dtype).replace("torch.", ""),
+        "attention": {"ours": bench.model.config._attn_implementation,
+                      "peft": bench.peft_model.config._attn_implementation},
         "versions": versions("peft", "triton"),
         "student": st.identity,
         "workload": {"requests": NUM_REQUESTS, "experts": NUM_EXPERTS, "rank": RANK, "alpha": ALPHA,
@@ -359,7 +367,8 @@ def _markdown(r: dict) -> str:
         "# Inference benchmark: mixed-expert batch vs PEFT",
         "",
         f"- date: {r['date']}",
-        f"- device: {r['device']}, dtype {r['dtype']}"
+        f"- device: {r['device']}, dtype {r['dtype']}, attention: ours {r['attention']['ours']}, PEFT and "
+        f"transformers generate {r['attention']['peft']} (transformers' default)"
         + (f"; load average before/after {load}" if (load := r.get("load_average_before_after")) else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
         f"- student: {r['student'].get('name')} ({r['student'].get('num_parameters', 0) / 1e6:.0f}M parameters)",

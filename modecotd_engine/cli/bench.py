@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     i.add_argument("--out", default="docs/bench/infer", help="report directory")
     i.add_argument("--student", default=None, help="student directory (default: the built-in student)")
     i.add_argument("--quick", action="store_true", help="fewer requests and tokens")
+    i.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="student dtype of every provider (auto: as `infer`: bf16 on CUDA and on CPUs with native bf16)")
+    i.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's setting; 1 gives steadier figures on a shared CPU)")
     p.set_defaults(func=run)
 
 
@@ -54,6 +58,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.suite == "infer":
         from ..bench.infer import run_infer_bench
 
-        run_infer_bench(out, student=args.student, quick=args.quick)
+        run_infer_bench(out, student=args.student, quick=args.quick, dtype=args.dtype, threads=args.threads)
     print(f"report written under {out}")
     return 0

@@ -121,7 +121,27 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run about
+    2x faster than fp32 (measured here: ~400 vs ~195 GFLOP/s for a (640x576)x(576x1536) product on
+    a 2-core AMD EPYC with avx512_bf16, 2 threads)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype ``"auto"`` means: bfloat16 on CUDA and on CPUs with native bf16 math, else float32."""
+    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str) and dtype == "auto":
+        return auto_dtype(device)
     if dtype is None:
         # bf16 halves memory on GPUs with native support; CPUs keep fp32 for speed and exactness.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -131,7 +151,7 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> tor
         return dtype
     key = str(dtype).lower().removeprefix("torch.")
     if key not in _DTYPES:
-        raise StudentError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+        raise StudentError(f"unknown dtype {dtype!r}; use one of auto, float32, bfloat16, float16")
     return _DTYPES[key]
 
 
@@ -296,8 +316,8 @@ def load_student(
     Args:
         path: model directory (config.json, model.safetensors or sharded safetensors + index,
             tokenizer files). None: the built-in SmolLM2-135M-Instruct (``default_student_dir()``).
-        dtype: weight dtype (torch dtype or "float32" / "bfloat16" / "float16"). Default: float32 on
-            CPU, bfloat16 on CUDA.
+        dtype: weight dtype (torch dtype or "float32" / "bfloat16" / "float16", or "auto": see
+            :func:`auto_dtype`). Default: float32 on CPU, bfloat16 on CUDA.
         device: target device. Default: "cuda" when available, else "cpu".
         attention: "auto" (the engine's grouped attention on CPU with bf16/fp16 weights, where it is
             measured faster; transformers' default elsewhere), "grouped", or a transformers name
