@@ -57,6 +57,9 @@ def register(subparsers) -> None:
                    "faster there), float32 otherwise. LoRA weights and optimizer state stay float32")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default=_D.backend,
                    help="mixture kernel backend (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--attention", default=_D.attention,
+                   help="student attention: auto (the engine's grouped-query matmul attention on CPU with bf16/fp16 "
+                   "weights, measured ~30%% faster per step there; transformers' default elsewhere), grouped, sdpa, eager")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -71,6 +74,7 @@ def run(args) -> int:
         n_eval=args.n_eval, eval_max_new_tokens=args.eval_max_new_tokens, eval_batch_size=args.eval_batch_size,
         eval_before=not args.no_eval_before, save_every=args.save_every, seed=args.seed,
         missing_marker=args.missing_marker, device=args.device, dtype=args.dtype, backend=args.backend,
+        attention=args.attention,
         progress=not args.no_progress,
     )
     res = train(cfg)

@@ -31,7 +31,7 @@ from .experts import DEFAULT_TARGETS, ExpertBank
 from .inject import inject_experts
 from .loss import supervised_positions
 from .optim import ExpertAdamW
-from .student import auto_dtype, load_student
+from .student import auto_dtype, load_student, model_attention
 
 log = logging.getLogger("modecotd_engine.distill")
 
@@ -71,6 +71,7 @@ class TrainConfig:
     device: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 math, else float32
     backend: str = "auto"
+    attention: str = "auto"  # auto: the engine's grouped attention on CPU with bf16/fp16, else transformers'
     eval_before: bool = True
     progress: bool = True
     resume: bool = False
@@ -154,9 +155,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(f"run directory: {out}")
     device = torch.device(cfg.device) if cfg.device else _default_device(rank)
     dtype = _resolve_dtype(cfg.dtype, device)
-    student = load_student(cfg.student, dtype=dtype, device=device)
+    student = load_student(cfg.student, dtype=dtype, device=device, attention=cfg.attention)
     if main:
-        print(f"student: {student.path} ({dtype} on {device}; LoRA weights and optimizer state in float32)")
+        print(f"student: {student.path} ({dtype} on {device}, attention {model_attention(student.model)}; "
+              "LoRA weights and optimizer state in float32)")
     model, tok = student.model, student.tokenizer
 
     task_files, eval_sets = _load_tasks(cfg, out, main)

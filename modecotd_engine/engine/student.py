@@ -121,6 +121,11 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def model_attention(model: nn.Module) -> str:
+    """The attention implementation a loaded model runs (``sdpa``, ``eager``, the engine's grouped...)."""
+    return str(getattr(model.config, "_attn_implementation", None))
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls run about
     2x faster than fp32 (measured here: ~400 vs ~195 GFLOP/s for a (640x576)x(576x1536) product on
