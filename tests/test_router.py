@@ -131,7 +131,9 @@ def test_errors():
         routed_lora_mixture(x, w, b, a, bb, router, 1.0, top_k=6)
     with pytest.raises(ValueError, match="lora_b must be"):
         routed_lora_mixture(x, w, b, a, bb[:, :4], router, 1.0)
-    with pytest.raises(BackendUnavailableError, match="no Triton kernel"):
+    # make_inputs gives float64 tensors: the Triton kernels take fp16/bf16/fp32 only
+    assert x.dtype == torch.float64
+    with pytest.raises(BackendUnavailableError, match="x has dtype torch.float64, for which the routed mixture has no Triton"):
         routed_lora_mixture(x, w, b, a, bb, router, 1.0, backend="triton")
 
 

@@ -36,8 +36,14 @@ Two implementations live here:
   per-expert loop oracle :func:`~modecotd_engine.kernels.reference.lora_mixture_loop`; autograd
   differentiates it. Tests compare against it in float64.
 * :class:`RoutedLoraMixtureFunction` -- the grouped form above with the backward written out, the
-  path :func:`routed_lora_mixture` takes. There is no fused Triton kernel for the routed mixture
-  yet: ``backend="triton"`` raises, ``backend="auto"`` takes this path on every device (logged once).
+  path :func:`routed_lora_mixture` takes for ``backend="torch"`` (any device).
+
+The fused Triton kernels of the same math live in :mod:`~modecotd_engine.kernels.triton_router`
+(router shrink with the softmax/top-k epilogue, then the fused GEMMs of triton_lora.py).
+``backend="triton"`` takes them: it needs CUDA tensors (or ``TRITON_INTERPRET=1``, Triton's CPU
+interpreter, for tests) in float16, bfloat16 or float32, and raises BackendUnavailableError
+otherwise. ``backend="auto"`` takes Triton for CUDA tensors of those dtypes and the grouped torch
+path otherwise (CPU, or float64 anywhere); the choice is logged once per device and path.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ import logging
 
 import torch
 
-from .ops import BackendUnavailableError, check_mixture_args
+from .ops import BackendUnavailableError, check_mixture_args, resolve_backend
 from .reference import MODES, _cat_b, _mix, lora_mixture_loop
 
 log = logging.getLogger("modecotd_engine.kernels")
 
 _logged_auto: set[str] = set()
+# What the Triton kernels compute in (triton_lora.py / triton_router.py); float64 stays on torch.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _gates_from_logits(z: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -185,6 +193,34 @@ def check_router_args(router: torch.Tensor, lora_a: torch.Tensor, x: torch.Tenso
         raise ValueError(f"top_k must be an int in 0..E={e} (0 = dense softmax), got {top_k!r}")
 
 
+def _choose_backend(backend: str, x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> str:
+    """The backend that serves this call: "torch" or "triton"; raises if an explicit request cannot be served."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    unsupported = [(name, t.dtype) for name, t in tensors.items()
+                   if t is not None and t.dtype not in _TRITON_DTYPES]
+    if backend == "triton":
+        if unsupported:
+            name, dtype = unsupported[0]
+            raise BackendUnavailableError(
+                f"{name} has dtype {dtype}, for which the routed mixture has no Triton kernel (float16, "
+                "bfloat16 and float32 are served); use backend='torch'"
+            )
+        return resolve_backend("triton", x.device)  # CUDA, or the interpreter when TRITON_INTERPRET=1
+    if backend == "auto":
+        chosen = "triton" if x.device.type == "cuda" and not unsupported else "torch"
+        key = f"{x.device.type}->{chosen}"
+        if key not in _logged_auto:
+            _logged_auto.add(key)
+            why = "" if chosen == "triton" else (
+                " (a float64 tensor: the Triton kernels take fp16/bf16/fp32)" if x.device.type == "cuda"
+                else " (Triton only has its interpreter on CPU)")
+            log.info("routed_lora_mixture backend auto: %s tensors use the %s path%s", x.device.type,
+                     "fused Triton" if chosen == "triton" else "grouped torch", why)
+        return chosen
+    return "torch"
+
+
 def routed_lora_mixture(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -210,27 +246,27 @@ def routed_lora_mixture(
         top_k: 0 for dense softmax gates; k in 1..E keeps the k largest logits per token and
             renormalizes (top_k = E is dense).
         mode: "output" or "weight" composition.
-        backend: "auto" or "torch" (the grouped torch path, on any device); "triton" raises
-            BackendUnavailableError: the routed mixture has no fused Triton kernel yet.
+        backend: "torch" (the grouped torch path, any device and float dtype), "triton" (the fused
+            kernels of triton_router.py: CUDA tensors, or TRITON_INTERPRET=1, in fp16/bf16/fp32;
+            BackendUnavailableError otherwise) or "auto" (triton for CUDA tensors of those dtypes,
+            torch otherwise; logged once).
     Returns:
-        (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and router.
+        (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and router; each gradient comes
+        back in its input's dtype.
     """
     if lora_a.dim() == 3 and x.dim() >= 1:
         # The routed op has no gate tensor: validate the rest with a zero-stride stand-in of the right shape.
         stand_in = x.new_zeros(()).expand(*x.shape[:-1], lora_a.shape[0])
         check_mixture_args(x, weight, bias, lora_a, lora_b, stand_in, scale, mode)
     check_router_args(router, lora_a, x, top_k)
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
-    if backend == "triton":
-        raise BackendUnavailableError(
-            "the routed mixture (learned router) has no Triton kernel yet; use backend='torch' or 'auto' "
-            "(the grouped torch path, which runs on CPU and CUDA)"
-        )
-    if backend == "auto" and x.device.type not in _logged_auto:
-        _logged_auto.add(x.device.type)
-        log.info("routed_lora_mixture backend auto: %s tensors use the grouped torch path "
-                 "(no Triton kernel for the routed mixture)", x.device.type)
+    tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "router": router}
+    if _choose_backend(backend, x, tensors) == "triton":
+        from .triton_router import routed_lora_mixture_triton  # imported lazily: needs a working triton
+
+        # the kernels cast the expert and router weights to x's dtype themselves and return each
+        # gradient in its input's dtype (fp32 experts next to bf16 activations)
+        return routed_lora_mixture_triton(x, weight, bias, lora_a, lora_b, router, float(scale), int(top_k),
+                                          mode)
     dt = x.dtype
     return RoutedLoraMixtureFunction.apply(x, weight, bias, lora_a.to(dt), lora_b.to(dt), router.to(dt),
                                            float(scale), int(top_k), mode)
