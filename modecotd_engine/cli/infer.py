@@ -73,6 +73,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "faster there, as in training), float32 otherwise")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                    help="mixture kernel backend (auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--attention", default="auto",
+                   help="student attention: auto (the engine's grouped-query matmul attention on CPU with bf16/fp16 "
+                   "weights, transformers' default elsewhere), grouped, sdpa, eager")
 
 
 def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 128, sampling: bool = True) -> None:
@@ -197,7 +200,7 @@ def load_model(args, *, need_bank: bool):
 
     if need_bank and not args.bank:
         raise GenerationError("experts or mixtures need --bank (the expert bank directory)")
-    student = load_student(args.student, dtype=args.dtype, device=args.device)
+    student = load_student(args.student, dtype=args.dtype, device=args.device, attention=args.attention)
     if not args.bank:
         return student, None, None
     bank = ExpertBank.load(args.bank, student=student)
