@@ -20,7 +20,7 @@ import torch
 from .common import device_name, versions
 from ..engine.data import BatchPlan, tokenize_records
 from ..engine.attention import select_attention
-from ..engine.distill import TrainConfig, _resolve_dtype, lr_at
+from ..engine.distill import TrainConfig, lr_at
 from ..engine.experts import ExpertBank
 from ..engine.inject import inject_experts
 from ..engine.loss import supervised_loss
@@ -158,8 +158,7 @@ def run_train_bench(out_dir: Path, *, student: str | None = None, steps: int = 2
         steps = min(steps, 10)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    st = load_student(student, dtype=_resolve_dtype(dtype, probe))
+    st = load_student(student, dtype=dtype or "auto")
     device = st.device
     engine_attention = st.model.config._attn_implementation
     cfg = TrainConfig(steps=steps, batch_size=batch_size, warmup=2)

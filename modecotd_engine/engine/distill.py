@@ -31,7 +31,7 @@ from .experts import DEFAULT_TARGETS, ExpertBank
 from .inject import inject_experts
 from .loss import supervised_positions
 from .optim import ExpertAdamW
-from .student import auto_dtype, load_student, model_attention
+from .student import load_student, model_attention
 
 log = logging.getLogger("modecotd_engine.distill")
 
@@ -154,8 +154,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         print(f"run directory: {out}")
     device = torch.device(cfg.device) if cfg.device else _default_device(rank)
-    dtype = _resolve_dtype(cfg.dtype, device)
-    student = load_student(cfg.student, dtype=dtype, device=device, attention=cfg.attention)
+    student = load_student(cfg.student, dtype=cfg.dtype, device=device, attention=cfg.attention)
+    dtype = student.dtype
     if main:
         print(f"student: {student.path} ({dtype} on {device}, attention {model_attention(student.model)}; "
               "LoRA weights and optimizer state in float32)")
@@ -179,7 +179,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     opt = ExpertAdamW(params, len(names), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     start = 0
     if resume_from is not None:
-        start = _load_checkpoint(resume_from, cfg, bank, params, opt)
+        start = _load_checkpoint(resume_from, cfg, bank, opt)
         if main:
             print(f"resumed from {resume_from} at step {start}")
     loss_module = _LossModule(model)
@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:.0f}")
         done = step + 1
         if main and (done % cfg.save_every == 0 or done == cfg.steps):
-            _save_checkpoint(ckpt_root, done, cfg, bank, params, opt)
+            _save_checkpoint(ckpt_root, done, cfg, bank, opt)
         if world > 1:
             dist.barrier()
     bar.close()
@@ -368,7 +368,7 @@ def _before_after_table(before, after) -> str:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, params, opt) -> Path:
+def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, opt: ExpertAdamW) -> Path:
     """Write checkpoint ``step-N`` atomically (temp dir + rename), then point ``latest`` at it."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -407,7 +407,7 @@ def _latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig, bank: ExpertBank, params, opt) -> int:
+def _load_checkpoint(path: Path, cfg: TrainConfig, bank: ExpertBank, opt: ExpertAdamW) -> int:
     meta = json.loads((path / "trainer.json").read_text())
     saved = meta["config"]
     diffs = []
@@ -451,12 +451,6 @@ def _default_device(rank: int) -> torch.device:
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
-
-
-def _resolve_dtype(name: str | None, device: torch.device) -> str:
-    if name not in (None, "auto"):
-        return name
-    return str(auto_dtype(device)).removeprefix("torch.")
 
 
 def _all_reduce_sum(x: float) -> float:
