@@ -56,26 +56,31 @@ class ExpertAdamW:
             raise ValueError(f"active experts {idx} out of range 0..{self.num_experts - 1}")
         self.steps[idx] += 1
         t = self.steps[idx]
-        bc1 = 1 - b1 ** t  # (n,) per-expert bias corrections, float64 on the host
+        step_size = lr / (1 - b1 ** t)  # (n,) per-expert bias corrections, float64 on the host
         bc2_sqrt = (1 - b2 ** t).sqrt()
         every = len(idx) == self.num_experts
+        # The per-expert factors and row index, made once per (device, dtype) rather than per tensor.
+        made: dict[tuple, tuple] = {}
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
+            key = (p.device, p.dtype)
+            if key not in made:
+                made[key] = (step_size.to(device=p.device, dtype=p.dtype), bc2_sqrt.to(device=p.device, dtype=p.dtype),
+                             None if every else torch.tensor(idx, device=p.device))
+            size, scale, rows = made[key]
             shape = (-1,) + (1,) * (p.dim() - 1)
-            step_size = (lr / bc1).to(device=p.device, dtype=p.dtype).view(shape)
-            denom_scale = bc2_sqrt.to(device=p.device, dtype=p.dtype).view(shape)
             if every:  # the common case with all tasks in a step: in place, no gathers
                 g, pe, me, ve = p.grad, p, m, v
             else:
-                rows = torch.tensor(idx, device=p.device)
-                g, pe, me, ve = p.grad.index_select(0, rows), p.index_select(0, rows), m.index_select(0, rows), v.index_select(0, rows)
+                g, pe, me, ve = (p.grad.index_select(0, rows), p.index_select(0, rows), m.index_select(0, rows),
+                                 v.index_select(0, rows))
             if wd:
                 pe.mul_(1 - lr * wd)
             me.lerp_(g, 1 - b1)
             ve.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (ve.sqrt() / denom_scale).add_(eps)
-            pe.sub_(me / denom * step_size)
+            denom = (ve.sqrt() / scale.view(shape)).add_(eps)
+            pe.sub_(me / denom * size.view(shape))
             if not every:
                 p.index_copy_(0, rows, pe)
                 m.index_copy_(0, rows, me)
