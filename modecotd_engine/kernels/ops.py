@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import torch
 
@@ -21,10 +22,16 @@ BACKENDS = ("auto", "torch", "triton")
 MAX_EXPERTS = 64
 MAX_RANK = 128
 _logged_auto: set[str] = set()
+# What the Triton kernels compute in; other dtypes (float64) stay on the torch path.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot serve these tensors."""
+
+
+class UnsupportedDtypeError(BackendUnavailableError, ValueError):
+    """The requested backend has no kernel for a tensor's dtype (also a ValueError: a bad argument)."""
 
 
 def triton_interpreting() -> bool:
@@ -78,22 +85,42 @@ def check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode) -> N
         raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map a backend request to the backend that will run, raising if it cannot be served."""
+def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, torch.Tensor | None] | None = None,
+                    op: str = "lora_mixture") -> str:
+    """Map a backend request to the backend that will run, raising if it cannot be served.
+
+    Args:
+        backend: "auto", "torch" or "triton".
+        device: the tensors' device.
+        tensors: the op's tensors by name (None entries skipped): the Triton kernels compute in
+            float16, bfloat16 and float32 only, so ``auto`` keeps any other dtype (float64) on torch
+            and an explicit ``triton`` raises naming the tensor.
+        op: the op's name, for the log line and the error message.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    unsupported = [(name, t.dtype) for name, t in (tensors or {}).items()
+                   if t is not None and t.dtype not in TRITON_DTYPES]
     if backend == "auto":
-        chosen = "triton" if device.type == "cuda" else "torch"
-        key = f"{device.type}->{chosen}"
+        chosen = "triton" if device.type == "cuda" and not unsupported else "torch"
+        key = f"{op}:{device.type}->{chosen}"
         if key not in _logged_auto:
             _logged_auto.add(key)
-            log.info("lora_mixture backend auto: %s tensors use the %s path", device.type, chosen)
+            why = f" ({unsupported[0][0]} is {unsupported[0][1]})" if device.type == "cuda" and unsupported else ""
+            log.info("%s backend auto: %s tensors use the %s path%s", op, device.type, chosen, why)
         return chosen
-    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
-        raise BackendUnavailableError(
-            f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
-            "before importing to run the kernels in Triton's CPU interpreter, or use backend='torch'"
-        )
+    if backend == "triton":
+        if unsupported:
+            name, dtype = unsupported[0]
+            raise UnsupportedDtypeError(
+                f"{name} has dtype {dtype}, for which {op} has no Triton kernel (float16, bfloat16 and "
+                "float32 are served); use backend='torch'"
+            )
+        if device.type != "cuda" and not triton_interpreting():
+            raise BackendUnavailableError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                "before importing to run the kernels in Triton's CPU interpreter, or use backend='torch'"
+            )
     return backend
 
 
@@ -124,7 +151,8 @@ def lora_mixture(
         (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and gates.
     """
     check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode)
-    chosen = resolve_backend(backend, x.device)
+    chosen = resolve_backend(backend, x.device, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a,
+                                                 "lora_b": lora_b, "gates": gates})
     if chosen == "triton":
         from .triton_lora import lora_mixture_triton  # imported lazily: needs a working triton
 

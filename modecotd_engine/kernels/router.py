@@ -48,18 +48,10 @@ path otherwise (CPU, or float64 anywhere); the choice is logged once per device 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from .ops import BackendUnavailableError, check_mixture_args, resolve_backend
+from .ops import check_mixture_args, resolve_backend
 from .reference import MODES, _cat_b, _mix, lora_mixture_loop
-
-log = logging.getLogger("modecotd_engine.kernels")
-
-_logged_auto: set[str] = set()
-# What the Triton kernels compute in (triton_lora.py / triton_router.py); float64 stays on torch.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _gates_from_logits(z: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -193,34 +185,6 @@ def check_router_args(router: torch.Tensor, lora_a: torch.Tensor, x: torch.Tenso
         raise ValueError(f"top_k must be an int in 0..E={e} (0 = dense softmax), got {top_k!r}")
 
 
-def _choose_backend(backend: str, x: torch.Tensor, tensors: dict[str, torch.Tensor | None]) -> str:
-    """The backend that serves this call: "torch" or "triton"; raises if an explicit request cannot be served."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
-    unsupported = [(name, t.dtype) for name, t in tensors.items()
-                   if t is not None and t.dtype not in _TRITON_DTYPES]
-    if backend == "triton":
-        if unsupported:
-            name, dtype = unsupported[0]
-            raise BackendUnavailableError(
-                f"{name} has dtype {dtype}, for which the routed mixture has no Triton kernel (float16, "
-                "bfloat16 and float32 are served); use backend='torch'"
-            )
-        return resolve_backend("triton", x.device)  # CUDA, or the interpreter when TRITON_INTERPRET=1
-    if backend == "auto":
-        chosen = "triton" if x.device.type == "cuda" and not unsupported else "torch"
-        key = f"{x.device.type}->{chosen}"
-        if key not in _logged_auto:
-            _logged_auto.add(key)
-            why = "" if chosen == "triton" else (
-                " (a float64 tensor: the Triton kernels take fp16/bf16/fp32)" if x.device.type == "cuda"
-                else " (Triton only has its interpreter on CPU)")
-            log.info("routed_lora_mixture backend auto: %s tensors use the %s path%s", x.device.type,
-                     "fused Triton" if chosen == "triton" else "grouped torch", why)
-        return chosen
-    return "torch"
-
-
 def routed_lora_mixture(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -260,7 +224,7 @@ def routed_lora_mixture(
         check_mixture_args(x, weight, bias, lora_a, lora_b, stand_in, scale, mode)
     check_router_args(router, lora_a, x, top_k)
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "router": router}
-    if _choose_backend(backend, x, tensors) == "triton":
+    if resolve_backend(backend, x.device, tensors, op="the routed mixture") == "triton":
         from .triton_router import routed_lora_mixture_triton  # imported lazily: needs a working triton
 
         # the kernels cast the expert and router weights to x's dtype themselves and return each

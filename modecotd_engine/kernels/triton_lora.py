@@ -55,10 +55,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .ops import TRITON_DTYPES
+
 # Read once, like Triton itself does when the @triton.jit decorators below run.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_SUPPORTED_DTYPES = TRITON_DTYPES
 _MODES = ("output", "weight")
 
 # NOTE: tuning constants. Not yet timed on a GPU; they are starting points derived from the Triton

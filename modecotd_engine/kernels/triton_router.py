@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .router import check_router_args
 from .triton_lora import (
     _INTERPRET,
     _SUPPORTED_DTYPES,
@@ -308,19 +309,15 @@ def router_blocks(num_experts: int, rank: int) -> int:
 
 
 def _check_router(x: torch.Tensor, lora_a: torch.Tensor, router: torch.Tensor, top_k: int) -> None:
-    num_experts, _, k_len = lora_a.shape
-    if router.dim() != 2 or tuple(router.shape) != (num_experts, k_len):
-        raise ValueError(f"router must be (E={num_experts}, K={k_len}), got {tuple(router.shape)}")
+    """The router checks of every backend, then what only these kernels require."""
+    check_router_args(router, lora_a, x, top_k)
+    num_experts = lora_a.shape[0]
     if router.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"triton backend: router has dtype {router.dtype}; supported are float16, "
                          "bfloat16 and float32 (use backend='torch' for other dtypes)")
     if _INTERPRET and router.dtype == torch.bfloat16:
         raise ValueError("triton backend: router is bfloat16, which Triton's CPU interpreter cannot "
                          "compute (TRITON_INTERPRET=1); use float16/float32 there or run on CUDA")
-    if router.device != x.device:
-        raise ValueError(f"triton backend: router is on {router.device} but x is on {x.device}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an int in 0..E={num_experts} (0 = dense softmax), got {top_k!r}")
     if num_experts > 64:
         raise ValueError(f"the routed Triton kernels take at most 64 experts, got E={num_experts}")
 
