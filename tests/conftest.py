@@ -63,6 +63,30 @@ def tiny_student_dir(tmp_path_factory) -> Path:
     return make_tiny_student(tmp_path_factory.mktemp("tiny_student") / "student")
 
 
+@pytest.fixture(scope="module")
+def student_dir(tiny_student_dir) -> Path:
+    """The student a test module's ``base_model`` and ``tokenizer`` load; a module overrides this
+    fixture to use a student of its own."""
+    return tiny_student_dir
+
+
+@pytest.fixture(scope="module")
+def base_model(student_dir):
+    """``student_dir`` loaded with transformers (float32, eval, frozen): the reference model."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(student_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(student_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_byte_tokenizer()

@@ -19,25 +19,12 @@ from modecotd_engine.engine.experts import ExpertBank
 from modecotd_engine.engine.generate import GenerationConfig, GenerationError, GenerationResult, generate
 from modecotd_engine.engine.inject import inject_experts
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     return make_tiny_student(tmp_path_factory.mktemp("eval") / "student", seed=5, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def base_model(student_dir):
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer(student_dir):
-    return AutoTokenizer.from_pretrained(student_dir)
 
 
 def random_bank(model, names=("word_math", "last_letters", "coin_flips"), seed=0):

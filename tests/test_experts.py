@@ -8,17 +8,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from modecotd_engine.engine.experts import ExpertBank, ExpertBankError, find_target_modules
 from modecotd_engine.engine.inject import MixtureLinear, inject_experts
-
-
-@pytest.fixture(scope="module")
-def base_model(tiny_student_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model
 
 
 @pytest.fixture()

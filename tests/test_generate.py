@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_student, make_random_bank
 from modecotd_engine.engine.experts import ExpertBank, ExpertBankError
@@ -31,27 +31,14 @@ PROMPTS = [
 ]
 NO_STOP = GenerationConfig(max_new_tokens=12, stop_strings=())
 
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
     # The conftest student with a wider init: its greedy continuations vary from token to token
     # (the default init mostly repeats the last byte), so padding, cache or gate mistakes show.
     return make_tiny_student(tmp_path_factory.mktemp("gen") / "student", seed=3, initializer_range=0.2)
-
-
-@pytest.fixture(scope="module")
-def base_model(student_dir):
-    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer(student_dir):
-    return AutoTokenizer.from_pretrained(student_dir)
 
 
 def random_bank(model, names=("add", "letters", "coins"), seed=0):

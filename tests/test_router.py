@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 from conftest import make_random_bank
-from transformers import AutoModelForCausalLM
 
 from modecotd_engine.engine.inject import inject_experts
 from modecotd_engine.kernels import BackendUnavailableError, lora_mixture_loop
@@ -146,13 +145,6 @@ def test_function_saves_no_expert_activations():
 
 
 # ---------------------------------------------------------------------------------- injection
-@pytest.fixture(scope="module")
-def base_model(tiny_student_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model
-
-
 def random_bank(model, names=("a", "b", "c"), seed=0):
     return make_random_bank(model, names, seed=seed, b_std=0.2)
 
