@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..engine.attention import select_attention
+from ..engine.atomic import atomic_write_text
 from .common import device_name, sync, versions
 
 NUM_REQUESTS = 64
@@ -349,16 +350,10 @@ def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repea
         "greedy_text_agreement": agreement,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write(out_dir / "infer.json", json.dumps(result, indent=2) + "\n")
-    _write(out_dir / "infer.md", _markdown(result))
+    atomic_write_text(out_dir / "infer.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out_dir / "infer.md", _markdown(result))
     bench.exported.cleanup()
     return result
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(r: dict) -> str:

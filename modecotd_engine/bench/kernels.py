@@ -31,13 +31,14 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from ..engine.atomic import atomic_write_bytes
 
 # name -> (K, N): in_features -> out_features of a real model's projections
 SHAPES = {
@@ -481,22 +482,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_ratios(report: dict, path: Path) -> None:
     """Ratio to the base GEMM vs T, one panel per (shape, pass) of the T sweep."""
     import io
@@ -545,13 +530,13 @@ def plot_ratios(report: dict, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_report(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "kernels.json", json.dumps(report, indent=1).encode())
-    _atomic_write(out_dir / "kernels.md", render_markdown(report).encode())
+    atomic_write_bytes(out_dir / "kernels.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out_dir / "kernels.md", render_markdown(report).encode())
     plot_ratios(report, out_dir / "kernels.png")
 
 

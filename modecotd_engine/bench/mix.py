@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.atomic import atomic_write_text
 from .common import device_name, sync, versions
 
 TARGET = "price_math"
@@ -233,15 +234,9 @@ def _run(out_dir, student, quick: bool, repeats: int | None) -> dict:
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "mix.json", json.dumps(report, indent=2) + "\n")
-    _write(out / "mix.md", _markdown(report))
+    atomic_write_text(out / "mix.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "mix.md", _markdown(report))
     return report
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _markdown(r: dict) -> str:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..engine.answers import TASK_TYPES
 from ..engine.generate import GenerationError
-from .infer import (Selection, add_generation_args, add_model_args, atomic_write_text, frozen_selection,
+from ..engine.atomic import atomic_write_text
+from .infer import (Selection, add_generation_args, add_model_args, frozen_selection,
                     generation_config, load_model, mixture_selection, spec_selection)
 
 _DESCRIPTION = """\

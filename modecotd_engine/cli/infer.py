@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.atomic import atomic_write_text
 from ..engine.generate import GenerationConfig, GenerationError, PromptError, encode_prompts, generate_detailed
 from ..engine.generate import model_context_length, parse_expert_spec
 
@@ -260,16 +260,6 @@ def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selecti
             texts[i], num_tokens[i], reasons[i] = res.texts[j], res.num_tokens[j], res.finish_reasons[j]
     return {"texts": texts, "num_tokens": num_tokens, "finish_reasons": reasons,
             "seconds": time.perf_counter() - t0, "groups": len(groups)}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------------- run

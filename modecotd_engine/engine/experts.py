@@ -29,6 +29,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write_text
+
 FORMAT = "modecotd-expert-bank"
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -84,15 +86,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
@@ -254,7 +247,7 @@ class ExpertBank:
             "dtype": str(next(iter(self.lora_a.values())).dtype).replace("torch.", ""),
             "tensors_sha256": _sha256(d / BANK_TENSORS),
         }
-        _atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=2) + "\n")
         return d
 
     @classmethod
@@ -423,7 +416,7 @@ class ExpertBank:
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
         _atomic_save_tensors(tensors, d / PEFT_WEIGHTS, metadata={"format": "pt"})
-        _atomic_write_text(d / PEFT_CONFIG, json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(d / PEFT_CONFIG, json.dumps(cfg, indent=2) + "\n")
         return d
 
 

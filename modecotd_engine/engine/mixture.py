@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write_text
 from .experts import BANK_JSON, ExpertBank
 
 FORMAT = "modecotd-mixture"
@@ -163,13 +164,7 @@ def save_mixture(m: Mixture, path: str | Path) -> Path:
         "top_k": int(m.top_k),
         "info": m.info,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(meta, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
 
 
 _REQUIRED = {

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from modecotd_engine.engine.atomic import atomic_write_text
 from modecotd_engine.engine.answers import KNOWN_TASK_TYPES, format_output, split_output
 
 ANSWER_PROMPT = "Infer the correct answer for the question.\n\nQ: {question}\nA:"
@@ -317,12 +318,7 @@ def generate_eval(name: str, n: int, seed: int) -> list[dict]:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records))
 
 
 def write_builtin(out_dir: Path, *, n_train: int = 200, n_eval: int = 50, n_shots: int = 5, seed: int = 0) -> dict:

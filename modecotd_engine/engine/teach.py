@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .atomic import atomic_write_text
 from .answers import TASK_TYPES, answers_match, extract_answer, format_output, infer_task_type, split_output
 
 log = logging.getLogger(__name__)
@@ -809,16 +810,6 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".summary.json")
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _append_durable(f, text: str) -> None:
     f.write(text)
     f.flush()
@@ -1028,7 +1019,7 @@ def teach(
     if error is not None:
         summary.aborted = "interrupted" if isinstance(error, KeyboardInterrupt) else (
             str(error) if isinstance(error, TeachError) else f"{type(error).__name__}: {error}")
-    _write_json_atomic(summary_file, asdict(summary))
+    atomic_write_text(summary_file, json.dumps(asdict(summary), indent=2, ensure_ascii=False) + "\n")
     log.info("teach %s", summary.line())
     if isinstance(error, TeacherError):
         error.summary = summary
