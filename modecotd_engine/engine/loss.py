@@ -3,6 +3,13 @@
 The student's vocabulary is large (49k for SmolLM2) and most positions of a distillation batch are
 prompt or padding, so the decoder's hidden states are gathered at the supervised positions first
 and only those rows go through the output head: logits are never materialised for the prompt.
+
+The head and the loss are one autograd function, :class:`LinearCrossEntropy`: it keeps the logits
+in the activations' dtype, and runs the float32 softmax work over blocks of rows small enough to stay
+in cache (``log_softmax`` + ``nll_loss`` under autograd make about ten passes over a float32
+(S, V) array). On the 2-core AMD EPYC (avx512_bf16) in bfloat16, 290 supervised rows over the
+49,152-token vocabulary: 165 ms forward plus backward with ``F.cross_entropy(logits.float())``,
+119 ms this way, of which the two head matmuls are 88 ms.
 """
 
 from __future__ import annotations
@@ -10,6 +17,70 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+# Rows per block of the softmax work: about 1M float32 logits (4 MiB) per block.
+CE_BLOCK_ELEMENTS = 1 << 20
+
+
+def _ce_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of ``hidden @ weight.T`` against ``targets``; the weight is frozen.
+
+    Forward: logits = hidden W^T in hidden's dtype (saved), then per block of rows
+    ``lse = logsumexp(logits)`` and ``loss = lse - logits[target]`` in float32 (float64 for float64).
+    Backward: per block ``(softmax - onehot) * dloss`` written in hidden's dtype, then one matmul
+    with W for d(hidden).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block_rows: int):
+        logits = hidden @ weight.t()  # (S, V)
+        cdt = _ce_dtype(hidden.dtype)
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=cdt, device=logits.device)
+        loss = torch.empty(n, dtype=cdt, device=logits.device)
+        for s in range(0, n, block_rows):
+            block = logits[s:s + block_rows].to(cdt)
+            lse[s:s + block_rows] = torch.logsumexp(block, dim=-1)
+            loss[s:s + block_rows] = lse[s:s + block_rows] - block.gather(1, targets[s:s + block_rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, lse, logits)
+        ctx.block_rows = block_rows
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss: torch.Tensor):
+        hidden, weight, targets, lse, logits = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        dlogits = torch.empty_like(logits)
+        br = ctx.block_rows
+        for s in range(0, logits.shape[0], br):
+            p = logits[s:s + br].to(lse.dtype).sub_(lse[s:s + br, None]).exp_()  # softmax
+            p.scatter_add_(1, targets[s:s + br, None], p.new_full((p.shape[0], 1), -1.0))
+            dlogits[s:s + br] = p.mul_(dloss[s:s + br, None].to(p.dtype))
+        return dlogits @ weight, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         block_rows: int | None = None) -> torch.Tensor:
+    """Cross-entropy of each row of ``hidden`` (S, H) through a frozen head ``weight`` (V, H).
+
+    Returns (S,) losses in float32 (float64 for float64 inputs). ``weight`` gets no gradient: use
+    ``F.cross_entropy`` on explicit logits when the head is trained.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and head weight {tuple(weight.shape)} must be (S, H) and (V, H)")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},), one per row of hidden")
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy keeps the head frozen; this head weight requires grad")
+    if block_rows is None:
+        block_rows = max(1, CE_BLOCK_ELEMENTS // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden, weight, targets, int(block_rows))
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,15 +113,18 @@ def supervised_loss(
         labels: (B, L), -100 on prompt and padding.
         per_sequence: also return each sequence's mean loss (B,).
     Returns:
-        the scalar mean loss (fp32), and with ``per_sequence`` the (B,) per-sequence means.
+        the scalar mean loss (float32; float64 for a float64 model), and with ``per_sequence`` the (B,) per-sequence means.
     """
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     mask, targets = supervised_positions(labels)
     if targets.numel() == 0:
         raise ValueError("batch has no supervised token (every label is -100)")
     h = hidden[:, :-1][mask]  # (S, H)
-    logits = model.get_output_embeddings()(h).float()  # (S, V)
-    tok = F.cross_entropy(logits, targets, reduction="none")  # (S,)
+    head = model.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        tok = linear_cross_entropy(h, head.weight, targets)  # (S,)
+    else:
+        tok = F.cross_entropy(head(h).to(_ce_dtype(h.dtype)), targets, reduction="none")
     loss = tok.mean()
     if not per_sequence:
         return loss

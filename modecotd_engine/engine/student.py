@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .attention import select_attention
+from .fused import use_fused_norms
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ def load_student(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     attention: str = "auto",
+    fused_norms: bool = True,
 ) -> Student:
     """Load a frozen student from a Hugging Face model directory (safetensors only).
 
@@ -327,6 +329,8 @@ def load_student(
         attention: "auto" (the engine's grouped attention on CPU with bf16/fp16 weights, where it is
             measured faster; transformers' default elsewhere), "grouped", or a transformers name
             ("sdpa", "eager", ...). See :mod:`modecotd_engine.engine.attention`.
+        fused_norms: give the Llama-family RMSNorms the hand-written backward of
+            :mod:`modecotd_engine.engine.fused` (same forward, bit for bit); False keeps transformers'.
 
     Returns:
         A ``Student`` in eval mode with every parameter frozen.
@@ -409,6 +413,7 @@ def load_student(
         select_attention(model, device, dtype, attention)
     except (ValueError, ImportError) as exc:
         raise StudentError(f"attention {attention!r} cannot be used with {root}: {exc}") from None
+    use_fused_norms(model, fused_norms)
 
     tokenizer = _load_tokenizer(root)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
