@@ -20,12 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..kernels import lora_mixture
+from ..kernels import lora_mixture, lora_single_expert
 from ..kernels.reference import MODES
 from ..kernels.router import routed_lora_mixture
 from .experts import ExpertBank, ExpertBankError
@@ -36,13 +35,53 @@ from .experts import ExpertBank, ExpertBankError
 ROUTER_INIT_STD = 0.1
 
 
-@dataclass
-class GateState:
-    """Gates shared by every wrapped layer of one model."""
+_UNSET = object()
 
-    gates: torch.Tensor | None = None  # (B, E) per sequence or (B, L, E) per token
-    mode: str = "output"
-    backend: str = "auto"
+
+class GateState:
+    """Gates shared by every wrapped layer of one model.
+
+    Attributes:
+        gates: (B, E) per sequence, (B, L, E) per token, or None (the frozen student).
+        mode: "output" or "weight" composition.
+        backend: kernel backend for :func:`lora_mixture`.
+    """
+
+    def __init__(self, gates: torch.Tensor | None = None, mode: str = "output", backend: str = "auto"):
+        self.gates = gates
+        self.mode = mode
+        self.backend = backend
+
+    @property
+    def gates(self) -> torch.Tensor | None:
+        return self._gates
+
+    @gates.setter
+    def gates(self, gates: torch.Tensor | None) -> None:
+        self._gates = gates
+        self._single = _UNSET  # analysed on first use, once for all layers
+
+    def single_expert(self) -> tuple[int, float] | None:
+        """(e, g) when every gate row is the same one-hot row g * e_e and needs no gradient, else None.
+
+        That is a distillation batch (one task per batch): each layer is then one plain LoRA. The
+        gates are read once (one host sync) per assignment, not once per layer.
+        """
+        if self._single is _UNSET:
+            self._single = _single_expert(self._gates)
+        return self._single
+
+
+def _single_expert(gates: torch.Tensor | None) -> tuple[int, float] | None:
+    if gates is None or gates.requires_grad or gates.numel() == 0:
+        return None
+    rows = gates.reshape(-1, gates.shape[-1])
+    first = rows[0]
+    nz = first.nonzero()
+    if nz.numel() != 1 or not bool((rows == first).all()):
+        return None
+    e = int(nz[0, 0])
+    return e, float(first[e])
 
 
 class MixtureLinear(nn.Module):
@@ -98,6 +137,10 @@ class MixtureLinear(nn.Module):
                 f"gates of shape {tuple(g.shape)} do not fit activations {tuple(x.shape)}: "
                 "give (B, E) per sequence or (B, L, E) per token"
             )
+        # one task for the whole batch (distillation): one plain LoRA, analysed once per batch
+        if x.device.type != "cuda" and (single := self.state.single_expert()) is not None:
+            return lora_single_expert(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, single[0],
+                                      single[1], self.scale, mode=self.state.mode, backend=self.state.backend)
         return lora_mixture(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, g,
                             self.scale, mode=self.state.mode, backend=self.state.backend)
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .reference import MODES, lora_mixture_torch
+from .reference import MODES, lora_mixture_torch, single_expert_lora_torch
 
 log = logging.getLogger("modecotd_engine.kernels")
 
@@ -159,3 +159,39 @@ def lora_mixture(
         return lora_mixture_triton(x, weight, bias, lora_a, lora_b, gates, float(scale), mode)
     return lora_mixture_torch(x, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype),
                               gates.to(x.dtype), float(scale), mode)
+
+
+def lora_single_expert(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    expert: int,
+    gate: float,
+    scale: float,
+    mode: str = "output",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`lora_mixture` for gates that are the same one-hot row ``gate * e_expert`` on every token.
+
+    The result equals ``lora_mixture`` with those gates (no gate gradient). The torch path runs one
+    plain LoRA (:class:`~modecotd_engine.kernels.reference.SingleExpertLoraFunction`); the Triton
+    kernels already take a single-expert path per tile, so there the gates are built and passed on.
+    """
+    num_experts = lora_a.shape[0] if lora_a.dim() == 3 else 0
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < num_experts:
+        raise ValueError(f"expert must be an int in 0..{num_experts - 1}, got {expert!r}")
+    lead = x.shape[:-1]
+    shape_only = x.new_zeros(num_experts).expand(*lead, num_experts)  # for the argument checks
+    check_mixture_args(x, weight, bias, lora_a, lora_b, shape_only, scale, mode)
+    chosen = resolve_backend(backend, x.device, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a,
+                                                 "lora_b": lora_b})
+    if chosen == "triton":
+        from .triton_lora import lora_mixture_triton
+
+        gates = x.new_zeros(*lead, num_experts)
+        gates[..., expert] = gate
+        return lora_mixture_triton(x, weight, bias, lora_a, lora_b, gates, float(scale), mode)
+    factor = float(scale) * float(gate) * (float(gate) if mode == "weight" else 1.0)
+    return single_expert_lora_torch(x, weight, bias, lora_a, lora_b, expert, factor)

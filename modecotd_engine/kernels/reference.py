@@ -226,3 +226,56 @@ def _sparse_plan(g2: torch.Tensor) -> list[tuple[int, torch.Tensor | None]] | No
 def lora_mixture_torch(x, weight, bias, lora_a, lora_b, gates, scale, mode="output"):
     """Grouped torch path (no argument checking; call :func:`modecotd_engine.kernels.lora_mixture`)."""
     return LoraMixtureTorchFunction.apply(x, weight, bias, lora_a, lora_b, gates, float(scale), mode)
+
+
+class SingleExpertLoraFunction(torch.autograd.Function):
+    """One expert for every token: ``y = x W^T + b + f * B_e A_e x`` with a scalar factor ``f``.
+
+    The distillation loop's batches hold one task each, so every token's gate row is the same
+    one-hot vector and the layer is a plain LoRA of expert ``e``. This path takes that case without
+    the per-call gate analysis of :class:`LoraMixtureTorchFunction` (the plan is made once per batch
+    by the caller): it converts only ``A_e`` and ``B_e`` to x's dtype, keeps ``H = f x A_e^T`` from the
+    forward instead of recomputing it, and writes the gradient of the other experts as zeros.
+    Forward, dX, dA and dB equal the grouped path's bit for bit on one-hot gates.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, expert: int, factor: float):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        a = lora_a[expert].to(x.dtype)  # (r, K)
+        b = lora_b[expert].to(x.dtype)  # (N, r)
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        h = (x2 @ a.t()).mul_(factor)  # (T, r)
+        y.addmm_(h, b.t())
+        ctx.save_for_backward(x2, weight, a, b, h)
+        ctx.expert, ctx.factor, ctx.lead, ctx.has_bias = expert, factor, lead, bias is not None
+        ctx.ab = (lora_a.shape, lora_a.dtype, lora_b.shape, lora_b.dtype)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, a, b, h = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, weight.shape[0])
+        dx = dw = dbias = da = db = None
+        dh = (dy2 @ b).mul_(ctx.factor) if (need_x or need_a) else None  # (T, r)
+        if need_x:
+            dx = (dy2 @ weight).addmm_(dh, a).view(*ctx.lead, x2.shape[1])
+        if need_w:
+            dw = dy2.t() @ x2
+        if need_bias and ctx.has_bias:
+            dbias = dy2.sum(0)
+        a_shape, a_dtype, b_shape, b_dtype = ctx.ab
+        if need_a:
+            da = torch.zeros(a_shape, dtype=a_dtype, device=x2.device)
+            da[ctx.expert] = dh.t() @ x2
+        if need_b:
+            db = torch.zeros(b_shape, dtype=b_dtype, device=x2.device)
+            db[ctx.expert] = dy2.t() @ h
+        return dx, dw, dbias, da, db, None, None
+
+
+def single_expert_lora_torch(x, weight, bias, lora_a, lora_b, expert, factor):
+    """Torch path of one expert on every token (no argument checking; see :func:`modecotd_engine.kernels.lora_single_expert`)."""
+    return SingleExpertLoraFunction.apply(x, weight, bias, lora_a, lora_b, int(expert), float(factor))
