@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     t.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="student dtype for both sides (default: the training loop's auto choice)")
-    t.add_argument("--quick", action="store_true", help="at most 10 steps")
+    t.add_argument("--repeats", type=int, default=3,
+                   help="rounds; each runs every trainer once, in alternating order; speed-ups are medians over rounds")
+    t.add_argument("--quick", action="store_true", help="at most 10 steps, one round")
     m = sub.add_parser("mix", help="one search (budget 40) vs merging LoRA weights per candidate (the paper's way)")
     m.add_argument("--out", default="docs/bench/mix", help="report directory")
     m.add_argument("--student", default=None, help="student directory (default: the built-in student)")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.train import run_train_bench
 
         run_train_bench(out, student=args.student, steps=args.steps, batch_size=args.batch_size,
-                        quick=args.quick, dtype=args.dtype)
+                        quick=args.quick, dtype=args.dtype, repeats=args.repeats)
     elif args.suite == "mix":
         from ..bench.mix import run_mix_bench
 
