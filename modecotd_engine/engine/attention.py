@@ -37,9 +37,13 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     g = h // kv
     q = query.reshape(b, kv, g * q_len, d)  # heads of one group stacked along the rows
     scores = torch.matmul(q, key.transpose(-1, -2)).view(b, kv, g, q_len, s)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scaling  # softmax in >= fp32
+    acc = torch.promote_types(scores.dtype, torch.float32)  # softmax in >= fp32
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, None, :, : s]  # (B, 1, 1, L, S) over (B, KV, G, L, S)
+        # mask + scaling * scores in one op: the upcast, the scaling and the mask in a single pass
+        mask = attention_mask[:, :, None, :, : s].to(acc)  # (B, 1, 1, L, S) over (B, KV, G, L, S)
+        scores = torch.add(mask, scores, alpha=scaling)
+    else:
+        scores = scores.to(acc) * scaling
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     if dropout and module.training:
         probs = nn.functional.dropout(probs, p=dropout)

@@ -9,7 +9,9 @@ in the activations' dtype, and runs the float32 softmax work over blocks of rows
 in cache (``log_softmax`` + ``nll_loss`` under autograd make about ten passes over a float32
 (S, V) array). On the 2-core AMD EPYC (avx512_bf16) in bfloat16, 290 supervised rows over the
 49,152-token vocabulary: 165 ms forward plus backward with ``F.cross_entropy(logits.float())``,
-119 ms this way, of which the two head matmuls are 88 ms.
+109 ms this way, of which the two head matmuls are 88 ms. Each block works in one preallocated float32
+buffer, in place: inside a training step, fresh (rows, V) temporaries per block cost 57 ms of
+elementwise time per step against 39 ms this way (profiled).
 """
 
 from __future__ import annotations
@@ -40,13 +42,17 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block_rows: int):
         logits = hidden @ weight.t()  # (S, V)
         cdt = _ce_dtype(hidden.dtype)
-        n = logits.shape[0]
+        n, v = logits.shape
         lse = torch.empty(n, dtype=cdt, device=logits.device)
         loss = torch.empty(n, dtype=cdt, device=logits.device)
+        buf = torch.empty(min(block_rows, n), v, dtype=cdt, device=logits.device)  # reused by every block
         for s in range(0, n, block_rows):
-            block = logits[s:s + block_rows].to(cdt)
-            lse[s:s + block_rows] = torch.logsumexp(block, dim=-1)
-            loss[s:s + block_rows] = lse[s:s + block_rows] - block.gather(1, targets[s:s + block_rows, None]).squeeze(1)
+            e = min(s + block_rows, n)
+            block = buf[: e - s].copy_(logits[s:e])
+            target_logit = block.gather(1, targets[s:e, None]).squeeze(1)
+            m = block.amax(-1, keepdim=True)
+            lse[s:e] = block.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(1))  # in place: no new (rows, V) arrays
+            loss[s:e] = lse[s:e] - target_logit
         ctx.save_for_backward(hidden, weight, targets, lse, logits)
         ctx.block_rows = block_rows
         return loss
@@ -56,12 +62,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, targets, lse, logits = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        dlogits = torch.empty_like(logits)
+        n, v = logits.shape
         br = ctx.block_rows
-        for s in range(0, logits.shape[0], br):
-            p = logits[s:s + br].to(lse.dtype).sub_(lse[s:s + br, None]).exp_()  # softmax
-            p.scatter_add_(1, targets[s:s + br, None], p.new_full((p.shape[0], 1), -1.0))
-            dlogits[s:s + br] = p.mul_(dloss[s:s + br, None].to(p.dtype))
+        dlogits = torch.empty_like(logits)
+        buf = torch.empty(min(br, n), v, dtype=lse.dtype, device=logits.device)
+        for s in range(0, n, br):
+            e = min(s + br, n)
+            p = buf[: e - s].copy_(logits[s:e]).sub_(lse[s:e, None]).exp_()  # softmax
+            p.scatter_add_(1, targets[s:e, None], p.new_full((e - s, 1), -1.0))
+            dlogits[s:e] = p.mul_(dloss[s:e, None].to(p.dtype))
         return dlogits @ weight, None, None, None
 
 
