@@ -124,10 +124,10 @@ def test_gradient_through_dg_equals_finite_differences(student, mode):
         e = torch.zeros(3, dtype=torch.float64)
         e[i] = h
         fd[i] = (obj(w + e) - obj(w - e)) / (2 * h)
-    # supervised_loss reduces the CE in float32 (rounding ~1e-7 * f); divided by 2h that is ~5e-4.
-    # The model and the mixture run in float64, so the rest of the error is O(h^2).
+    # The model, the mixture and the loss run in float64, so the error is the O(h^2) of the central
+    # difference: 1.7e-5 (weight mode) and 5e-6 (output mode) measured at h = 1e-3.
     err = (grad.double() - fd).abs()
-    assert err.max() <= 2e-3, f"grad {grad.tolist()} fd {fd.tolist()} max err {err.max():.2e}"
+    assert err.max() <= 1e-4, f"grad {grad.tolist()} fd {fd.tolist()} max err {err.max():.2e}"
     assert grad.abs().max() > 0.05  # not a vacuous comparison
 
 
