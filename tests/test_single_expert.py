@@ -125,3 +125,21 @@ def test_injected_student_one_task_batch_matches_general_path(student_dir, monke
     for g1, g2 in zip(fast_grads, general_grads):
         torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
     assert max(float(g.abs().max()) for g in fast_grads) > 1e-4
+
+
+def test_triton_backend_builds_the_one_hot_gates():
+    """backend='triton' (the interpreter on CPU) gets the same one-hot gates the torch path implies."""
+    pytest.importorskip("triton")
+    from modecotd_engine.kernels.ops import triton_interpreting
+
+    if not triton_interpreting() and not torch.cuda.is_available():
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    x, w, b, a, bb, dy = _tensors(torch.float32, True, seed=9, e=3, r=4, k=16, n=12, lead=(2, 3))
+    a, bb = a.float(), bb.float()
+    runs = []
+    for backend in ("torch", "triton"):
+        xx = x.clone().requires_grad_()
+        y = lora_single_expert(xx, w, b, a, bb, 1, 0.5, 2.0, mode="weight", backend=backend)
+        runs.append((y, *torch.autograd.grad(y, xx, dy)))
+    for t1, t2 in zip(*runs):
+        torch.testing.assert_close(t1, t2, rtol=1e-4, atol=1e-4)

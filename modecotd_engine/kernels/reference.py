@@ -27,7 +27,7 @@ Backward (W frozen)::
     dX     = dY W + dH A_cat
     dB_e   = dY^T H~_e           dA_e = dH_e^T X
 
-Two implementations live here:
+Three implementations live here:
 
 * :func:`lora_mixture_loop` -- the oracle: a slow, obviously-right loop over experts, differentiated
   by autograd. Tests compare every other path against it in float64.
@@ -36,6 +36,8 @@ Two implementations live here:
   gates; when every token has at most one nonzero gate (one-hot task gates while distilling) and
   no gate gradient is needed, it runs one small GEMM pair per *active* expert over that expert's
   rows only, so the LoRA work is that of a single LoRA whatever E is (the SGMV idea).
+* :class:`SingleExpertLoraFunction` -- the special case of one expert with one gate value on every
+  token (a one-task distillation batch), where the caller has read the gates once for all layers.
 """
 
 from __future__ import annotations
