@@ -122,6 +122,12 @@ def test_linear_cross_entropy_errors():
         linear_cross_entropy(h, torch.zeros(10, 5), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="one per row"):
         linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer token ids"):
+        linear_cross_entropy(h, w, torch.zeros(3))
+    hh, ww = torch.randn(3, 4, dtype=torch.float64), torch.randn(10, 4, dtype=torch.float64)
+    t32 = torch.tensor([0, 5, 9], dtype=torch.int32)
+    torch.testing.assert_close(linear_cross_entropy(hh, ww, t32),
+                               F.cross_entropy(hh @ ww.t(), t32.long(), reduction="none"), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="requires grad"):
         linear_cross_entropy(h, w.requires_grad_(), torch.zeros(3, dtype=torch.long))
 

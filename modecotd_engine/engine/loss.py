@@ -87,9 +87,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"targets {tuple(targets.shape)} must be ({hidden.shape[0]},), one per row of hidden")
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy keeps the head frozen; this head weight requires grad")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
     if block_rows is None:
         block_rows = max(1, CE_BLOCK_ELEMENTS // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, targets, int(block_rows))
+    return LinearCrossEntropy.apply(hidden, weight, targets.long(), int(block_rows))
 
 
 def supervised_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
