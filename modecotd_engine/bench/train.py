@@ -177,31 +177,23 @@ def run_train_bench(out_dir: Path, *, student: str | None = None, steps: int = 2
     plan, index = _plan(st, tasks, n_train=max(steps * batch_size, 64), batch_size=batch_size,
                         max_len=cfg.max_len, seed=0)
 
-    def ours_run() -> dict:
-        select_attention(st.model, device, st.dtype, engine_attention)
-        use_fused_norms(st.model, engine_norms)
-        run = _ours(st, plan, index, cfg, steps, device)
-        run.update(attention=engine_attention, norm="engine" if engine_norms else "transformers")
-        return run
-
-    def peft_run(given: bool) -> dict:
-        attention = engine_attention if given else select_attention(st.model, device, st.dtype, "sdpa")
-        select_attention(st.model, device, st.dtype, attention)
-        use_fused_norms(st.model, engine_norms and given)
-        run = _peft(st, plan, index, cfg, steps, device)
-        run.update(attention=attention, norm="engine" if engine_norms and given else "transformers")
-        return run
-
     have_peft = importlib.util.find_spec("peft") is not None
     default_attention = select_attention(st.model, device, st.dtype, "sdpa")
+    # who -> (trainer, attention, engine RMSNorm): the engine, PEFT as shipped, PEFT given the engine's choices
+    setups = {"ours": (_ours, engine_attention, engine_norms), "peft0": (_peft, default_attention, False),
+              "peft1": (_peft, engine_attention, engine_norms)}
     variants = [False] + ([True] if (engine_attention != default_attention or engine_norms) else [])
+    order = ["ours"] + ([f"peft{int(g)}" for g in variants] if have_peft else [])
     rounds: list[dict] = []
     try:
         for i in range(repeats):
             runs: dict = {}
-            order = ["ours"] + ([f"peft{int(g)}" for g in variants] if have_peft else [])
             for who in (order if i % 2 == 0 else order[::-1]):
-                runs[who] = ours_run() if who == "ours" else peft_run(who == "peft1")
+                trainer, attention, norms = setups[who]
+                select_attention(st.model, device, st.dtype, attention)
+                use_fused_norms(st.model, norms)
+                runs[who] = trainer(st, plan, index, cfg, steps, device)
+                runs[who].update(attention=attention, norm="engine" if norms else "transformers")
             rounds.append(runs)
     finally:
         select_attention(st.model, device, st.dtype, engine_attention)

@@ -137,7 +137,8 @@ class MixtureLinear(nn.Module):
                 f"gates of shape {tuple(g.shape)} do not fit activations {tuple(x.shape)}: "
                 "give (B, E) per sequence or (B, L, E) per token"
             )
-        # one task for the whole batch (distillation): one plain LoRA, analysed once per batch
+        # One task for the whole batch (distillation): one plain LoRA, the gates read once per batch.
+        # Not on CUDA: that read is a device sync, and the Triton kernels skip idle experts per tile.
         if x.device.type != "cuda" and (single := self.state.single_expert()) is not None:
             return lora_single_expert(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, single[0],
                                       single[1], self.scale, mode=self.state.mode, backend=self.state.backend)

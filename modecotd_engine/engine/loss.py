@@ -25,10 +25,6 @@ from torch import nn
 CE_BLOCK_ELEMENTS = 1 << 20
 
 
-def _ce_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class LinearCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of ``hidden @ weight.T`` against ``targets``; the weight is frozen.
 
@@ -41,7 +37,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, block_rows: int):
         logits = hidden @ weight.t()  # (S, V)
-        cdt = _ce_dtype(hidden.dtype)
+        cdt = torch.promote_types(hidden.dtype, torch.float32)
         n, v = logits.shape
         lse = torch.empty(n, dtype=cdt, device=logits.device)
         loss = torch.empty(n, dtype=cdt, device=logits.device)
@@ -135,7 +131,7 @@ def supervised_loss(
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         tok = linear_cross_entropy(h, head.weight, targets)  # (S,)
     else:
-        tok = F.cross_entropy(head(h).to(_ce_dtype(h.dtype)), targets, reduction="none")
+        tok = F.cross_entropy(head(h).to(torch.promote_types(h.dtype, torch.float32)), targets, reduction="none")
     loss = tok.mean()
     if not per_sequence:
         return loss
