@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+"""File helpers: atomic writes (a reader sees the old file or the new one, never half of one) and
+content digests.
 
 The data goes to a hidden temporary file beside the target (same filesystem), is flushed to disk,
 and replaces the target in one ``os.replace``. A crash leaves at most a ``.NAME.PID.tmp`` file,
@@ -7,6 +8,7 @@ which the readers of this project ignore (hidden files are never tasks, banks or
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -31,3 +33,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

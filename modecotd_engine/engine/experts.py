@@ -15,7 +15,6 @@ output-mode mixture (rank ``E*r`` concatenation, exact) exports as a PEFT adapte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, sha256_file
 
 FORMAT = "modecotd-expert-bank"
 FORMAT_VERSION = 1
@@ -78,14 +77,6 @@ def find_target_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, n
     if not found:
         raise ExpertBankError(f"no nn.Linear module matches the targets {list(targets)}")
     return dict(sorted(found.items()))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
@@ -245,7 +236,7 @@ class ExpertBank:
             "modules": {m: list(s) for m, s in self.modules.items()},
             "student": self.student,
             "dtype": str(next(iter(self.lora_a.values())).dtype).replace("torch.", ""),
-            "tensors_sha256": _sha256(d / BANK_TENSORS),
+            "tensors_sha256": sha256_file(d / BANK_TENSORS),
         }
         atomic_write_text(d / BANK_JSON, json.dumps(meta, indent=2) + "\n")
         return d
@@ -272,7 +263,7 @@ class ExpertBank:
                 f"(this engine reads version {FORMAT_VERSION})"
             )
         want = meta.get("tensors_sha256")
-        if want and _sha256(tpath) != want:
+        if want and sha256_file(tpath) != want:
             raise ExpertBankError(
                 f"{tpath} does not match {jpath.name} (sha256 differs): the bank was not written completely"
             )

@@ -22,7 +22,6 @@ records the router file's sha256, so a half-written pair is detected on load.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, sha256_file
 from .experts import BANK_JSON, ExpertBank
 
 FORMAT = "modecotd-mixture"
@@ -88,14 +87,6 @@ class Mixture:
         return bank.weights_vector(self.weights)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def router_path_for(json_path: str | Path) -> Path:
     """``dir/name.json`` -> ``dir/name.router.safetensors``."""
     p = Path(json_path)
@@ -144,7 +135,7 @@ def save_mixture(m: Mixture, path: str | Path) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, rpath)
-        router_rel, router_sha = rpath.name, _sha256(rpath)
+        router_rel, router_sha = rpath.name, sha256_file(rpath)
         m.router = rpath
     meta = {
         "format": FORMAT,
@@ -218,7 +209,7 @@ def load_mixture(path: str | Path) -> Mixture:
         if not router.is_file():
             raise MixtureError(f"{path}: router file {router} is missing")
         want = meta.get("router_sha256")
-        if want and _sha256(router) != want:
+        if want and sha256_file(router) != want:
             raise MixtureError(f"{router} does not match {path.name} (sha256 differs): it was not written completely")
     top_k = meta.get("top_k", 0)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import sha256_file
 from .attention import select_attention
 from .fused import use_fused_norms
 
@@ -555,14 +556,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_gguf(src: Path):
     """Dequantize a GGUF file with transformers: (model in float32, tokenizer)."""
     try:
@@ -686,7 +679,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         provenance = {
             "source": src.name,
             "source_bytes": src.stat().st_size,
-            "source_sha256": _sha256_file(src),
+            "source_sha256": sha256_file(src),
             "dtype": "float32",
             "transformers": transformers.__version__,
             "torch": torch.__version__,
