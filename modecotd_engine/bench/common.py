@@ -1,4 +1,5 @@
-"""What every benchmark report carries: the device in words, library versions, a device sync."""
+"""What the benchmarks share: the device in words, library versions, a device sync, the load
+average, and the random experts the inference and mixing benchmarks run."""
 
 from __future__ import annotations
 
@@ -39,3 +40,31 @@ def versions(*extra: str) -> dict:
         except ImportError:
             out[name] = None
     return out
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# Random experts of the inference and mixing benchmarks. B ~ N(0, B_STD^2): large enough that every
+# expert changes the student's greedy text, small enough that the text stays language-like (lengths
+# and tokens like a trained expert's).
+RANK = 8
+ALPHA = 16.0
+TARGETS = ("q_proj", "v_proj")
+B_STD = 0.01
+
+
+def random_bank(model, names: list[str], seed: int = 0):
+    """An expert bank for ``model`` with random A (the bank's init) and B ~ N(0, B_STD^2)."""
+    from ..engine.experts import ExpertBank
+
+    bank = ExpertBank.create(model, names, rank=RANK, alpha=ALPHA, targets=TARGETS, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for m in bank.modules:
+        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * B_STD
+    return bank

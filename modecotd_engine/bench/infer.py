@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -41,16 +40,10 @@ import torch
 
 from ..engine.attention import select_attention
 from ..engine.atomic import atomic_write_text
-from .common import device_name, sync, versions
+from .common import ALPHA, RANK, TARGETS, device_name, load_average, random_bank, sync, versions
 
 NUM_REQUESTS = 64
 NUM_EXPERTS = 10
-RANK = 8
-ALPHA = 16.0
-TARGETS = ("q_proj", "v_proj")
-# B ~ N(0, B_STD^2): large enough that every expert changes the student's greedy text, small
-# enough that the text stays language-like (lengths and tokens like a trained expert's).
-B_STD = 0.01
 
 
 def _prompts(n: int) -> list[str]:
@@ -60,16 +53,6 @@ def _prompts(n: int) -> list[str]:
     per = -(-n // len(names))
     pools = {t: [r["input"] for r in generate_eval(t, per, seed=0)] for t in names}
     return [pools[names[i % len(names)]][i // len(names)] for i in range(n)]
-
-
-def _random_bank(model, names: list[str], seed: int = 0):
-    from ..engine.experts import ExpertBank
-
-    bank = ExpertBank.create(model, names, rank=RANK, alpha=ALPHA, targets=TARGETS, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in bank.modules:
-        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * B_STD
-    return bank
 
 
 class _Clock:
@@ -115,7 +98,7 @@ class _Bench:
         # ... with transformers' default attention, as a PEFT user gets it (ours may choose another)
         select_attention(self.peft_model, student.device, student.dtype, "sdpa")
         self.model = student.model
-        self.bank = _random_bank(self.model, self.names)
+        self.bank = random_bank(self.model, self.names)
         self.exported = tempfile.TemporaryDirectory(prefix="modecotd-bench-peft-")
         for n in self.names:
             self.bank.export_peft(Path(self.exported.name) / n, n, mode="weight")
@@ -266,17 +249,10 @@ def run_infer_bench(out_dir: Path, *, student: str | None, quick: bool = False, 
         torch.set_num_threads(previous_threads)
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repeats: int, dtype: str | None) -> dict:
     from ..engine.student import load_student
 
-    load_before = _load_average()
+    load_before = load_average()
     st = load_student(student, dtype=dtype or "auto")
     bench = _Bench(st, new_tokens=new_tokens, quick=quick)
     floor_gates = torch.zeros(NUM_REQUESTS, NUM_EXPERTS)
@@ -343,7 +319,7 @@ def _run(out_dir: Path, student: str | None, quick: bool, new_tokens: int, repea
                      "prompt_tokens_mean": statistics.fmean(prompt_tokens), "repeats": repeats, "quick": quick},
         "providers": rows,
         "runs": runs,
-        "load_average_before_after": [load_before, _load_average()],
+        "load_average_before_after": [load_before, load_average()],
         "speedup_vs_peft_best": ours / peft_best if peft_best else None,
         "speedup_vs_peft_best_cpu_time": ours_cpu / peft_best_cpu if peft_best_cpu else None,
         "threads": torch.get_num_threads(),

@@ -28,7 +28,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -36,37 +35,15 @@ from pathlib import Path
 import torch
 
 from ..engine.atomic import atomic_write_text
-from .common import device_name, sync, versions
+from .common import ALPHA, RANK, TARGETS, device_name, load_average, random_bank, sync, versions
 
 TARGET = "price_math"
 NUM_SHOTS = 5
 NUM_EXPERTS = 10
-RANK = 8
-ALPHA = 16.0
-TARGETS = ("q_proj", "v_proj")
-B_STD = 0.01  # as bench/infer.py: every expert changes the student, text stays language-like
 BUDGET = 40
 QUICK_BUDGET = 10
 L1 = 0.05
 SPEEDUP_TARGET = 3.0
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _random_bank(model, seed: int = 0):
-    from ..engine.experts import ExpertBank
-
-    names = [f"expert{i}" for i in range(NUM_EXPERTS)]
-    bank = ExpertBank.create(model, names, rank=RANK, alpha=ALPHA, targets=TARGETS, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for m in bank.modules:
-        bank.lora_b[m] = torch.randn(bank.lora_b[m].shape, generator=gen) * B_STD
-    return bank
 
 
 class _PaperObjective:
@@ -165,7 +142,7 @@ def _run(out_dir, student, quick: bool, repeats: int | None) -> dict:
     peft_model = get_peft_model(copy.deepcopy(st.model),
                                 LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0))
     peft_model.eval()
-    bank = _random_bank(st.model)
+    bank = random_bank(st.model, [f"expert{i}" for i in range(NUM_EXPERTS)])
     states = [{k: v.to(device) for k, v in sd.items()} for sd in _expert_states(bank)]
     handle = inject_experts(st.model, bank, mode="weight")
     try:
@@ -213,7 +190,7 @@ def _run(out_dir, student, quick: bool, repeats: int | None) -> dict:
         "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "versions": versions("nevergrad", "peft"),
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "student": st.identity,
         "dtype": str(st.dtype).replace("torch.", ""),
         "workload": {"target": TARGET, "shots": NUM_SHOTS, "shots_shape": list(batch.input_ids.shape),
