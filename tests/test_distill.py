@@ -161,7 +161,47 @@ def test_sigkill_then_resume_matches_uninterrupted(tiny_student_dir, tmp_path):
         torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=0, atol=0)
         torch.testing.assert_close(b.lora_b[m], a.lora_b[m], rtol=0, atol=0)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 60
+    # steps the killed process logged after its last checkpoint are logged once, by the resumed run
+    assert [x["step"] for x in lines] == list(range(1, 61))
+
+
+def test_metrics_after_resume_keep_only_checkpointed_steps(tmp_path):
+    from modecotd_engine.engine.distill import _keep_metrics_before
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 9)))
+    _keep_metrics_before(path, 5)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    _keep_metrics_before(path, 0)
+    assert path.read_text() == ""
+
+
+def test_chat_format_and_shared_init_reach_the_bank(tiny_student_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from modecotd_engine.engine.data import format_prompt
+
+    tok = AutoTokenizer.from_pretrained(tiny_student_dir)
+    student = tmp_path / "chat_student"
+    import shutil
+
+    shutil.copytree(tiny_student_dir, student)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(student)
+    data = write_tasks(tmp_path / "data", n=12)
+    res = train(small_cfg(student, data, tmp_path / "run", steps=3, prompt_format="chat", n_eval=2,
+                          eval_max_new_tokens=4))
+    bank = ExpertBank.load(res.bank_dir)
+    assert bank.prompt_format == "chat"
+    # the eval generations were prompted in the same format as training
+    pred = json.loads((tmp_path / "run" / "predictions-after" / f"{bank.names[0]}.jsonl").read_text().splitlines()[0])
+    assert format_prompt(tok, pred["input"], "chat").startswith("<|user|>")
+    ckpt = json.loads((_latest_checkpoint(tmp_path / "run" / "checkpoints") / "trainer.json").read_text())
+    assert ckpt["config"]["prompt_format"] == "chat" and ckpt["config"]["shared_init"] is True
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
 def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):

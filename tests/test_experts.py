@@ -45,6 +45,33 @@ def test_create_targets_and_shapes(model):
     assert len(mlp) == 2 * n_layers
 
 
+def test_experts_share_their_starting_a_unless_asked_not_to(model):
+    shared = ExpertBank.create(model, ["a", "b", "c"], rank=4, alpha=8, seed=5)
+    independent = ExpertBank.create(model, ["a", "b", "c"], rank=4, alpha=8, seed=5, shared_init=False)
+    for m in shared.modules:
+        a = shared.lora_a[m]
+        assert torch.equal(a[0], a[1]) and torch.equal(a[0], a[2]) and a.is_contiguous()
+        b = independent.lora_a[m]
+        assert not torch.equal(b[0], b[1]) and not torch.equal(b[1], b[2])
+    # an expert added later with the same seed starts where the others started
+    added = copy.deepcopy(shared)
+    added.add_expert("d", seed=5)
+    for m in shared.modules:
+        assert torch.equal(added.lora_a[m][3], shared.lora_a[m][0])
+
+
+def test_prompt_format_is_saved_and_old_banks_read_as_plain(model, tmp_path):
+    bank = ExpertBank.create(model, ["a"], rank=4, alpha=8, prompt_format="chat")
+    bank.save(tmp_path / "chat")
+    assert ExpertBank.load(tmp_path / "chat").prompt_format == "chat"
+    meta = json.loads((tmp_path / "chat" / "experts.json").read_text())
+    del meta["prompt_format"]  # a bank written before the field existed
+    (tmp_path / "chat" / "experts.json").write_text(json.dumps(meta))
+    assert ExpertBank.load(tmp_path / "chat").prompt_format == "plain"
+    with pytest.raises(ExpertBankError, match="unknown prompt format 'jinja'"):
+        ExpertBank.create(model, ["a"], prompt_format="jinja")
+
+
 def test_no_matching_targets(model):
     with pytest.raises(ExpertBankError, match="no nn.Linear"):
         ExpertBank.create(model, ["a"], targets=["nonexistent_proj"])

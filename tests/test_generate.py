@@ -16,6 +16,8 @@ from modecotd_engine.engine.generate import (
     GenerationConfig,
     GenerationError,
     PromptError,
+    answer_complete,
+    is_looping,
     generate,
     generate_detailed,
     parse_expert_spec,
@@ -435,3 +437,69 @@ def test_infer_bench_smoke(tmp_path, student_dir):
     saved = json.loads((tmp_path / "bench" / "infer.json").read_text())
     assert saved["device"] and saved["versions"]["torch"] and saved["date"]
     assert "| ours: mixed batch |" in (tmp_path / "bench" / "infer.md").read_text()
+
+
+# ------------------------------------------------------------------------------------ loop guards
+
+
+def test_is_looping_finds_short_cycles_only():
+    assert is_looping([5, 5, 5, 5])
+    assert is_looping([1, 2, 3, 7, 8, 7, 8, 7, 8, 7, 8])
+    assert not is_looping([7, 8, 7, 8, 7, 8])  # three repeats, not four
+    assert not is_looping([1, 2, 3, 4, 5, 6, 7, 8])
+    assert not is_looping(list(range(17)) * 4)  # period 17 > LOOP_MAX_PERIOD
+    assert is_looping(list(range(16)) * 4)
+
+
+def test_answer_complete():
+    assert answer_complete("so 3 + 4 = 7.\n\n-->\n\n7\n")
+    assert not answer_complete("so 3 + 4 = 7.\n\n-->\n\n7")  # the line may still grow
+    assert not answer_complete("-->\n\n-->\n\n")  # markers only, no answer
+    assert not answer_complete("no marker at all\n")
+    assert answer_complete("-->\n\n-->\n\nyes\nmore")  # the last marker counts
+
+
+def test_repetition_penalty_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    out = generate_module._penalise_repeats(logits, seen, 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
+
+
+def test_guards_end_requests_as_their_rules_say(base_model, tokenizer):
+    plain = GenerationConfig(max_new_tokens=40, stop_strings=())
+    guarded = GenerationConfig(max_new_tokens=40, stop_strings=(), stop_on_loop=True, stop_after_answer=True)
+    a = generate_detailed(base_model, tokenizer, PROMPTS, config=plain)
+    b = generate_detailed(base_model, tokenizer, PROMPTS, config=guarded)
+    for i in range(len(PROMPTS)):
+        n = b.num_tokens[i]
+        assert b.token_ids[i] == a.token_ids[i][:n]  # the guards only cut, they never change a token
+        if b.finish_reasons[i] == "loop":
+            assert is_looping(b.token_ids[i]) and not is_looping(b.token_ids[i][:-1])
+        elif b.finish_reasons[i] == "length":
+            assert not any(is_looping(b.token_ids[i][:k]) for k in range(1, n + 1))
+
+
+def test_repetition_penalty_changes_only_repeated_tokens(base_model, tokenizer):
+    cfg = GenerationConfig(max_new_tokens=24, stop_strings=(), repetition_penalty=1.5)
+    res = generate_detailed(base_model, tokenizer, PROMPTS, config=cfg)
+    for i, prompt in enumerate(PROMPTS):  # oracle: the rule applied by hand, full re-forward each step
+        ids, out = tokenizer(prompt)["input_ids"], []
+        with torch.no_grad():
+            for _ in range(24):
+                logits = base_model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+                seen = torch.zeros_like(logits, dtype=torch.bool)
+                seen[out] = True
+                logits = torch.where(seen, torch.where(logits > 0, logits / 1.5, logits * 1.5), logits)
+                out.append(int(logits.argmax()))
+        assert res.token_ids[i] == out, f"prompt {i}"
+
+
+def test_chat_prompt_format(base_model, tokenizer):
+    tok = copy.deepcopy(tokenizer)
+    with pytest.raises(GenerationError, match="chat template"):
+        generate(base_model, tok, PROMPTS[:1], config=GenerationConfig(max_new_tokens=2, prompt_format="chat"))
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    chat = generate(base_model, tok, PROMPTS[:2], config=GenerationConfig(max_new_tokens=6, prompt_format="chat"))
+    plain = generate(base_model, tok, [f"[{p}]>" for p in PROMPTS[:2]], config=GenerationConfig(max_new_tokens=6))
+    assert chat == plain

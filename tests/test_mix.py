@@ -406,3 +406,42 @@ def test_mix_rejects_bad_shots_and_arguments(student):
         mix(bank, student, [{"input": "q", "output": "a"}], method="router")
     with pytest.raises(ValueError, match="bounds must satisfy"):
         mix(bank, student, [{"input": "q", "output": "a"}], bounds=(0.5, 3))
+
+
+# ------------------------------------------------------------------------ checked by generation
+
+
+def test_pick_by_generation_keeps_the_candidate_that_answers(student):
+    """Shots whose gold answers are what expert "b" writes: the check must choose w* over w = 0 and
+    a third candidate, whatever their objective values say."""
+    from modecotd_engine.engine.answers import extract_answer
+    from modecotd_engine.engine.generate import GenerationConfig, generate
+    from modecotd_engine.engine.mix import pick_by_generation
+
+    bank = make_bank(student.model)
+    handle = inject_experts(student.model, bank, mode="weight")
+    config = GenerationConfig(max_new_tokens=8, stop_strings=())
+    try:
+        prompts = [f"Q: name item {i}.\nA:" for i in range(4)]
+        texts = generate(student.model, student.tokenizer, prompts, handle=handle,
+                         gates=W_STAR.expand(len(prompts), 3), config=config)
+        golds = [extract_answer(t, "text") for t in texts]
+        assert all(golds)
+        shots = [{"input": p, "output": f"-->\n{g} END"} for p, g in zip(prompts, golds)]
+        candidates = [(torch.zeros(3), 0.1), (torch.tensor([1.0, 0.0, -1.0]), 0.2), (W_STAR, 9.0)]
+        chosen, records = pick_by_generation(handle, student.tokenizer, shots, "items", candidates, config)
+    finally:
+        handle.remove()
+    assert chosen == 2 and records[2]["correct"] == len(shots) == records[2]["answered"]
+    assert records[0]["correct"] < len(shots) and records[1]["correct"] < len(shots)
+
+
+def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
+    bank = make_bank(student.model)
+    shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)
+    m = mix(bank, student, shots, method="search", mode="weight", budget=8, finalists=3, target="items")
+    found = m.info["finalists"]
+    assert any(all(x == 0 for x in c["weights"]) for c in found)  # w = 0 was a candidate
+    key = [(c["correct"], c["answered"], -c["objective"]) for c in found]
+    assert key.index(max(key)) == m.info["chosen"]
+    assert [m.weights[n] for n in NAMES] == pytest.approx(found[m.info["chosen"]]["weights"], abs=1e-4)

@@ -137,10 +137,11 @@ def run(args) -> int:
     from ..engine.evaluate import accuracy_table, averages, evaluate_many
     from ..engine.mixture import load_router_state
 
-    config = generation_config(args)
+    generation_config(args)  # bad flags fail before the student loads
     data = load_eval_data(args.data, tasks=args.tasks, limit=args.limit)
     need_bank = bool(args.experts or args.mixture or args.mixtures or args.per_task)
     student, bank, handle = load_model(args, need_bank=need_bank)
+    config = generation_config(args, bank)
     selections = _selections(args, list(data), bank)
     if args.seen is not None:
         seen = {t.strip() for t in args.seen.split(",") if t.strip()}
@@ -190,7 +191,9 @@ def run(args) -> int:
         "selection": _selection_label(args),
         "scoring": scoring,
         "generation": {"max_new_tokens": config.max_new_tokens, "stop_strings": list(config.stop_strings),
-                       "batch_size": config.batch_size, "greedy": True},
+                       "batch_size": config.batch_size, "greedy": True, "prompt_format": config.prompt_format,
+                       "repetition_penalty": config.repetition_penalty,
+                       "stop_after_answer": config.stop_after_answer, "stop_on_loop": config.stop_on_loop},
         "tasks": {t: dict(r.summary(), seen=(t in seen) if seen is not None else None,
                           experts=selections[t].label, mode=selections[t].mode) for t, r in results.items()},
         "averages": averages(results, seen=seen),

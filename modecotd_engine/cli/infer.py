@@ -19,7 +19,8 @@ import torch
 
 from ..engine.atomic import atomic_write_text
 from ..engine.generate import GenerationConfig, GenerationError, PromptError, encode_prompts, generate_detailed
-from ..engine.generate import model_context_length, parse_expert_spec
+from ..engine.data import PROMPT_FORMATS, format_prompt
+from ..engine.generate import LOOP_REPEATS, model_context_length, parse_expert_spec
 
 MODES = ("output", "weight")
 _EPILOG = """\
@@ -94,13 +95,29 @@ def add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int = 128
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="stop string; the text up to and including it is returned (repeatable; default: END)")
     p.add_argument("--no-stop", action="store_true", help="no stop strings (stop at EOS or the token budget only)")
+    p.add_argument("--prompt-format", choices=("auto",) + PROMPT_FORMATS, default="auto",
+                   help="plain: prompts as given; chat: each prompt as the user turn of the student's chat template; "
+                   "auto: the format the bank's experts were trained with (plain without a bank)")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help="> 1 lowers the logits of tokens a request already generated (CTRL rule; 1 = off)")
+    p.add_argument("--no-answer-stop", action="store_true",
+                   help="keep generating after the answer line that follows '-->' is complete (default: stop there)")
+    p.add_argument("--no-loop-stop", action="store_true",
+                   help=f"keep generating when the tail is one short piece repeated {LOOP_REPEATS} times "
+                   "(default: end such a request, it never leaves the cycle under greedy decoding)")
 
 
-def generation_config(args) -> GenerationConfig:
+def generation_config(args, bank=None) -> GenerationConfig:
+    """The decoding settings of the generation flags; ``--prompt-format auto`` follows ``bank``."""
     stops = () if args.no_stop else tuple(args.stop) if args.stop else GenerationConfig().stop_strings
+    fmt = args.prompt_format
+    if fmt == "auto":
+        fmt = bank.prompt_format if bank is not None else "plain"
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=getattr(args, "temperature", 0.0),
                             top_p=getattr(args, "top_p", 1.0), seed=getattr(args, "seed", 0), stop_strings=stops,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, prompt_format=fmt,
+                            repetition_penalty=args.repetition_penalty, stop_after_answer=not args.no_answer_stop,
+                            stop_on_loop=not args.no_loop_stop)
 
 
 def register(subparsers) -> None:
@@ -284,10 +301,11 @@ def _collect_requests(args) -> tuple[list[Request], bool]:
 
 
 def run(args) -> int:
-    config = generation_config(args)
+    generation_config(args)  # bad flags fail before the student loads
     requests, streaming = _collect_requests(args)
     need_bank = bool(args.experts or args.mixture or any(r.experts or r.mixture for r in requests))
     student, bank, handle = load_model(args, need_bank=need_bank)
+    config = generation_config(args, bank)
     model, tok = student.model, student.tokenizer
 
     default = frozen_selection(bank)
@@ -311,7 +329,8 @@ def run(args) -> int:
 
     prompts = [r.prompt for r in requests]
     try:  # check every prompt before generating anything
-        encode_prompts(tok, prompts, context=model_context_length(model))
+        encode_prompts(tok, [format_prompt(tok, p, config.prompt_format) for p in prompts],
+                       context=model_context_length(model))
     except PromptError as exc:
         raise GenerationError(f"{requests[exc.index].where}: prompt {exc.detail}") from None
 

@@ -41,6 +41,13 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0,
                    help="router: keep the k largest gates per token and renormalize (0 = dense softmax; default: 0)")
     p.add_argument("--max-len", type=int, default=512, help="maximum tokens per example, prompt + output (default: 512)")
+    p.add_argument("--finalists", type=int, default=4,
+                   help="check by generation: the best N distinct candidates of the search (the result for gradient "
+                   "and uniform) and w = 0 (the frozen student) each answer the shots greedily; the one with the most "
+                   "correct answers is kept (ties: more answers, then lower objective). 0: the shots loss alone "
+                   "decides (default: 4)")
+    p.add_argument("--verify-max-new-tokens", type=int, default=256,
+                   help="token budget of each shot's answer in that check (default: 256)")
     p.add_argument("--out", required=True, help="mixture JSON file to write")
     p.add_argument("--export-peft", default=None,
                    help="also write the mixture as a PEFT LoRA adapter directory (weight mode: merged A and B at "
@@ -51,6 +58,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine.data import read_task_dir, read_task_file
     from ..engine.experts import ExpertBank
+    from ..engine.generate import GenerationConfig
     from ..engine.mix import mix
     from ..engine.mixture import save_mixture
     from ..engine.student import load_student
@@ -62,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--export-peft: a router mixture cannot be a PEFT adapter (its gates depend on each token)")
     elif args.top_k:
         raise ValueError("--top-k applies to --method router only")
+    if args.finalists < 0:
+        raise ValueError(f"--finalists must be >= 0, got {args.finalists}")
+    if args.method == "router" and args.finalists:
+        args.finalists = 0  # a router's gates depend on each token: nothing to choose between
     budget = args.budget if args.budget is not None else (ROUTER_DEFAULT_STEPS if args.method == "router" else 40)
     if budget < 1:
         raise ValueError(f"--budget must be >= 1, got {budget}")
@@ -82,8 +94,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"router data: {', '.join(f'{t} ({len(r)})' for t, r in router_data.items())}")
     m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
             target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
-            bank_dir=args.bank)
+            bank_dir=args.bank, finalists=args.finalists, verify_config=GenerationConfig(
+                max_new_tokens=args.verify_max_new_tokens, prompt_format=bank.prompt_format,
+                stop_after_answer=True, stop_on_loop=True))
     info = m.info
+    if "finalists" in info:
+        print(f"checked by generation on the {len(shots)} shots (correct/answered):")
+        for i, c in enumerate(info["finalists"]):
+            mark = "*" if i == info["chosen"] else " "
+            print(f" {mark} objective {c['objective']:.4f}  {c['correct']}/{c['answered']}  w={c['weights']}")
     print(f"shots loss (mean CE over {info['shots_tokens']} supervised tokens): before {m.shots_loss_before:.4f} "
           f"-> after {m.shots_loss_after:.4f}")
     if args.method in ("search", "gradient", "uniform"):

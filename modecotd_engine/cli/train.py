@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.data import PROMPT_FORMATS
 from ..engine.distill import TrainConfig, train
 
 _D = TrainConfig()
@@ -51,6 +52,12 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=_D.seed, help="seed for data order, initialisation and built-in tasks")
     p.add_argument("--missing-marker", choices=["drop", "keep", "error"], default=_D.missing_marker,
                    help="what to do with training outputs that lack the '-->' answer marker")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default=_D.prompt_format,
+                   help="plain: prompts as written in the data; chat: each prompt as the user turn of the student's "
+                   "chat template (recorded in the bank; infer, eval and mix then use it too)")
+    p.add_argument("--independent-init", action="store_true",
+                   help="draw an independent random A for every expert (default: all experts start from the same A, "
+                   "as separate runs from one seed do, which weight-mode mixing relies on)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=_D.dtype,
                    help="student dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 math (about 2x "
@@ -74,7 +81,7 @@ def run(args) -> int:
         n_eval=args.n_eval, eval_max_new_tokens=args.eval_max_new_tokens, eval_batch_size=args.eval_batch_size,
         eval_before=not args.no_eval_before, save_every=args.save_every, seed=args.seed,
         missing_marker=args.missing_marker, device=args.device, dtype=args.dtype, backend=args.backend,
-        attention=args.attention,
+        attention=args.attention, prompt_format=args.prompt_format, shared_init=not args.independent_init,
         progress=not args.no_progress,
     )
     res = train(cfg)

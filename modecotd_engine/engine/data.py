@@ -216,6 +216,28 @@ class Example:
         return len(self.input_ids)
 
 
+PROMPT_FORMATS = ("plain", "chat")
+
+
+def format_prompt(tokenizer, text: str, prompt_format: str = "plain") -> str:
+    """The prompt text the student sees: ``text`` itself ("plain"), or ``text`` as the user turn of the
+    tokenizer's chat template with the assistant turn opened ("chat").
+
+    An instruction-tuned student answers in its own turn structure; trained on bare ``Q: ... A:``
+    text its experts learn a format the student never saw, and outside that format (another task's
+    prompt wording) they lose both the format and the student's instruction following. Keeping the
+    template in training, mixing and inference keeps the student in the distribution it was tuned on.
+    """
+    if prompt_format == "plain":
+        return text
+    if prompt_format != "chat":
+        raise ValueError(f"unknown prompt format {prompt_format!r}; expected one of {', '.join(PROMPT_FORMATS)}")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt format 'chat' needs a tokenizer with a chat template; this one has none")
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids as generation sees them: the tokenizer's own special prefix (BOS where it adds one)
     but never a trailing EOS, which a few tokenizers append and which would end the text early."""
@@ -234,6 +256,7 @@ def tokenize_records(
     max_len: int,
     add_eos: bool = True,
     vocab_size: int | None = None,
+    prompt_format: str = "plain",
 ) -> tuple[list[Example], dict]:
     """Tokenize records as prompt + output (+ EOS) with the loss on the output only.
 
@@ -247,6 +270,7 @@ def tokenize_records(
         max_len: maximum tokens per example (prompt + output + EOS).
         add_eos: append the tokenizer's EOS id so the student learns to stop.
         vocab_size: the student's vocabulary size; an id outside ``[0, vocab_size)`` raises.
+        prompt_format: "plain" or "chat" (see :func:`format_prompt`); generation must use the same.
 
     Returns:
         ``(examples, stats)``; stats has ``records``, ``examples``, ``truncated``, ``dropped``,
@@ -268,7 +292,7 @@ def tokenize_records(
     for index, rec in enumerate(records):
         if not isinstance(rec, dict) or not isinstance(rec.get("input"), str) or not isinstance(rec.get("output"), str):
             raise DataError("expected an object with string 'input' and 'output'", path=f"task {task}", index=index)
-        prompt = encode_prompt(tokenizer, rec["input"])
+        prompt = encode_prompt(tokenizer, format_prompt(tokenizer, rec["input"], prompt_format))
         if not prompt:
             raise DataError("input has no tokens", path=f"task {task}", index=index)
         output = list(tokenizer(rec["output"], add_special_tokens=False)["input_ids"])

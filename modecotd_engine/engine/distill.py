@@ -68,6 +68,8 @@ class TrainConfig:
     save_every: int = 50
     seed: int = 0
     missing_marker: str = "drop"
+    prompt_format: str = "plain"  # "chat": the student's chat template around every prompt (data.format_prompt)
+    shared_init: bool = True  # every expert starts from the same A (ExpertBank.create)
     device: str | None = None
     dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 math, else float32
     backend: str = "auto"
@@ -95,7 +97,8 @@ class TrainConfig:
 
 # Fields that must agree between a checkpoint and the run that resumes it.
 _RESUME_KEYS = ("student", "data", "tasks", "rank", "alpha", "targets", "steps", "batch_size", "grad_accum",
-                "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "max_len", "n_train", "seed")
+                "lr", "min_lr_ratio", "warmup", "weight_decay", "clip", "max_len", "n_train", "seed",
+                "prompt_format", "shared_init")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -166,14 +169,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     task_index = {n: i for i, n in enumerate(names)}
     examples, tok_stats = {}, {}
     for n in names:
-        examples[n], tok_stats[n] = tokenize_records(task_files[n].records, tok, task=n, max_len=cfg.max_len)
+        examples[n], tok_stats[n] = tokenize_records(task_files[n].records, tok, task=n, max_len=cfg.max_len,
+                                                     prompt_format=cfg.prompt_format)
     if main:
         _report_data(task_files, tok_stats)
     plan = BatchPlan(examples, batch_size=cfg.batch_size, seed=cfg.seed, task_index=task_index,
                      pad_id=tok.pad_token_id)
 
     bank = ExpertBank.create(model, names, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
-                             student=student.identity, seed=cfg.seed)
+                             student=student.identity, seed=cfg.seed, shared_init=cfg.shared_init,
+                             prompt_format=cfg.prompt_format)
     handle = inject_experts(model, bank, backend=cfg.backend, trainable=True)
     params = handle.lora_parameters()
     opt = ExpertAdamW(params, len(names), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
@@ -194,8 +199,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # ---------------------------------------------------------------- loop
     metrics_path = out / "metrics.jsonl"
-    if main and start == 0 and metrics_path.exists():
-        metrics_path.unlink()
+    if main:
+        _keep_metrics_before(metrics_path, start)
     bar = _progress(cfg.steps, start, main and cfg.progress)
     loss_val, tps_total, tokens_total, time_total = None, 0.0, 0, 0.0
     model.train()
@@ -331,16 +336,22 @@ def _report_data(task_files, tok_stats) -> None:
 
 # ---------------------------------------------------------------------- evaluation
 def _evaluate(model, tok, handle, bank, eval_sets, cfg, label, out: Path):
-    from .evaluate import evaluate_many
+    from .answers import infer_task_type
+    from .evaluate import evaluate_many, gold_answer
     from .generate import GenerationConfig
 
     if not eval_sets:
         return {}
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size)
+    gen_cfg = GenerationConfig(max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size,
+                               prompt_format=cfg.prompt_format, stop_after_answer=True, stop_on_loop=True)
     gates = {t: bank.weights_vector(t) for t in eval_sets}
+    # A task whose name and golds say nothing of its type is scored on its answer line ("text"):
+    # the run has trained by then, and the table must not fail for want of a type.
+    types = {t: infer_task_type(t, [gold_answer(r["output"]) for r in recs], default="text")
+             for t, recs in eval_sets.items()}
     t0 = time.perf_counter()
     with torch.no_grad():
-        res = evaluate_many(model, tok, eval_sets, handle=handle, gates=gates, config=gen_cfg,
+        res = evaluate_many(model, tok, eval_sets, task_types=types, handle=handle, gates=gates, config=gen_cfg,
                             progress=cfg.progress)
     pred_dir = out / f"predictions-{label}"
     pred_dir.mkdir(exist_ok=True)
@@ -394,6 +405,17 @@ def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, 
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-CHECKPOINT_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _keep_metrics_before(path: Path, start: int) -> None:
+    """Drop the log lines of steps after ``start``: a killed run may have logged steps past its last
+    checkpoint, and the resumed run logs them again (a fresh run, start 0, keeps nothing)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _latest_checkpoint(root: Path) -> Path | None:

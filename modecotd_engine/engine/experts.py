@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write_text, sha256_file
+from .data import PROMPT_FORMATS
 
 FORMAT = "modecotd-expert-bank"
 FORMAT_VERSION = 1
@@ -100,6 +101,9 @@ class ExpertBank:
         lora_a: module name -> (E, r, K).
         lora_b: module name -> (E, N, r).
         student: the student's identity (see ``Student.identity``).
+        prompt_format: how the experts saw their prompts in training, "plain" or "chat"
+            (``data.format_prompt``); generation and mixing default to it. Banks saved before the
+            field existed read as "plain".
     """
 
     names: list[str]
@@ -110,6 +114,7 @@ class ExpertBank:
     lora_a: dict[str, torch.Tensor]
     lora_b: dict[str, torch.Tensor]
     student: dict = field(default_factory=dict)
+    prompt_format: str = "plain"
 
     def __post_init__(self):
         for n in self.names:
@@ -118,6 +123,8 @@ class ExpertBank:
             raise ExpertBankError(f"duplicate expert names in {self.names}")
         if self.rank < 1:
             raise ExpertBankError(f"rank must be >= 1, got {self.rank}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ExpertBankError(f"unknown prompt format {self.prompt_format!r}; expected one of {', '.join(PROMPT_FORMATS)}")
         self.targets = tuple(self.targets)
 
     # ------------------------------------------------------------------ basics
@@ -153,10 +160,16 @@ class ExpertBank:
         student: Mapping | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        shared_init: bool = True,
+        prompt_format: str = "plain",
     ) -> "ExpertBank":
         """A fresh bank over ``model``'s target modules: A Kaiming-uniform (as PEFT), B zero.
 
         With B zero every expert starts as the identity update, so the student is unchanged.
+        ``shared_init`` (default) starts every expert from the same A, as separate PEFT runs from one
+        seed do (the paper's experts): weight-mode mixing, ``(sum w B)(sum w A)``, then combines
+        experts whose A's share a starting point, so the cross terms ``B_i A_j`` are not products of
+        unrelated random projections. False draws an independent A per expert.
         """
         mods = find_target_modules(model, targets)
         device = next(iter(mods.values())).weight.device
@@ -166,9 +179,11 @@ class ExpertBank:
         for name, lin in mods.items():
             k, n = lin.in_features, lin.out_features
             shapes[name] = (k, n)
-            lora_a[name] = _init_a((e, rank, k), gen).to(device=device, dtype=dtype)
+            a = _init_a((1, rank, k), gen).expand(e, rank, k) if shared_init else _init_a((e, rank, k), gen)
+            lora_a[name] = a.to(device=device, dtype=dtype).contiguous()
             lora_b[name] = torch.zeros(e, n, rank, device=device, dtype=dtype)
-        return cls(list(names), rank, float(alpha), tuple(targets), shapes, lora_a, lora_b, dict(student or {}))
+        return cls(list(names), rank, float(alpha), tuple(targets), shapes, lora_a, lora_b, dict(student or {}),
+                   prompt_format)
 
     # ---------------------------------------------------------- edit experts
     def add_expert(self, name: str, *, seed: int = 0) -> int:
@@ -235,6 +250,7 @@ class ExpertBank:
             "targets": list(self.targets),
             "modules": {m: list(s) for m, s in self.modules.items()},
             "student": self.student,
+            "prompt_format": self.prompt_format,
             "dtype": str(next(iter(self.lora_a.values())).dtype).replace("torch.", ""),
             "tensors_sha256": sha256_file(d / BANK_TENSORS),
         }
@@ -285,7 +301,7 @@ class ExpertBank:
                     )
             lora_a[m], lora_b[m] = tensors[f"{m}.lora_a"], tensors[f"{m}.lora_b"]
         bank = cls(names, r, float(meta["alpha"]), tuple(meta["targets"]), modules, lora_a, lora_b,
-                   dict(meta.get("student", {})))
+                   dict(meta.get("student", {})), str(meta.get("prompt_format", "plain")))
         if student is not None:
             bank.check_student(student)
         return bank

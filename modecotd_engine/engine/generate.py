@@ -35,11 +35,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .data import encode_prompt
+from .answers import ANSWER_MARKER
+from .data import PROMPT_FORMATS, encode_prompt, format_prompt
 from .experts import ExpertBank
 from .inject import MixtureHandle
 
-FINISH_REASONS = ("stop", "eos", "length")
+FINISH_REASONS = ("stop", "eos", "length", "answer", "loop")
+# A request whose last LOOP_REPEATS * p tokens are one p-token piece repeated (p <= LOOP_MAX_PERIOD)
+# has entered a cycle greedy decoding never leaves ("-->\n\n-->", "1. 1. 1."): it ends there.
+LOOP_REPEATS = 4
+LOOP_MAX_PERIOD = 16
 # Extra tokens decoded in front of a stop string's maximal token span when looking for it: a window
 # may start inside a multi-byte character (decoded as U+FFFD) or lose a leading space to the
 # tokenizer's clean-up, and that slack keeps both away from the stop string itself.
@@ -78,6 +83,14 @@ class GenerationConfig:
         batch_size: requests per batch (one forward per step serves a whole batch).
         ignore_eos: never end at EOS (its logits are masked, as transformers' ``min_new_tokens``
             does), so every request runs to ``max_new_tokens`` or a stop string; for benchmarks.
+        prompt_format: "plain" (the prompt as given) or "chat" (the tokenizer's chat template around
+            it; ``data.format_prompt``). Use the format the experts were trained with.
+        repetition_penalty: > 1 lowers the logits of tokens the request has already generated (the
+            CTRL rule transformers uses: positive logits divided, negative multiplied); 1 = off. The
+            prompt's tokens are not penalised (a question's numbers are needed in its answer).
+        stop_after_answer: end a request once the answer line after its last ``-->`` marker is
+            complete (a non-empty line followed by a line break), even without ``END``.
+        stop_on_loop: end a request whose tail is one short piece repeated (see LOOP_REPEATS).
     """
 
     max_new_tokens: int = 128
@@ -87,6 +100,10 @@ class GenerationConfig:
     stop_strings: tuple[str, ...] = ("END",)
     batch_size: int = 16
     ignore_eos: bool = False
+    prompt_format: str = "plain"
+    repetition_penalty: float = 1.0
+    stop_after_answer: bool = False
+    stop_on_loop: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -103,6 +120,10 @@ class GenerationConfig:
         for s in self.stop_strings:
             if not isinstance(s, str) or not s:
                 raise GenerationError(f"stop strings must be non-empty strings, got {s!r}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise GenerationError(f"prompt_format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}")
+        if not float(self.repetition_penalty) >= 1.0:
+            raise GenerationError(f"repetition_penalty must be >= 1, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -116,7 +137,8 @@ class GenerationResult:
     Attributes:
         texts: the generated continuation per request (request order).
         num_tokens: generated tokens per request (EOS not counted).
-        finish_reasons: "stop" (a stop string), "eos", or "length" (token budget or model context).
+        finish_reasons: "stop" (a stop string), "eos", "length" (token budget or model context),
+            "answer" (``stop_after_answer``) or "loop" (``stop_on_loop``).
         first_token_s: seconds from the call's start until the request's first token was known.
         seconds: wall time of the whole call.
         token_ids: the generated token ids per request (EOS not included; with a stop string, every
@@ -358,7 +380,11 @@ def generate_detailed(
     if n == 0:
         return GenerationResult([], [], [], [], 0.0)
     context = model_context_length(model)
-    ids = encode_prompts(tokenizer, prompts, context=context)
+    try:
+        texts = [format_prompt(tokenizer, p, config.prompt_format) if isinstance(p, str) else p for p in prompts]
+    except ValueError as exc:
+        raise GenerationError(str(exc)) from None
+    ids = encode_prompts(tokenizer, texts, context=context)
     budgets = [min(config.max_new_tokens, context - len(r)) if context else config.max_new_tokens for r in ids]
 
     device = _device_of(model)
@@ -487,6 +513,34 @@ def _prefill(model, rows, ids, g, handle, pad, device, result: GenerationResult)
     return merged, torch.cat(logits), mask, last_pos
 
 
+def _penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """(b, V) logits with the CTRL repetition rule applied where ``seen`` (b, V) is set."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def is_looping(tokens: Sequence[int], repeats: int = LOOP_REPEATS, max_period: int = LOOP_MAX_PERIOD) -> bool:
+    """Whether the last ``repeats * p`` tokens are one ``p``-token piece repeated, for some p <= max_period."""
+    n = len(tokens)
+    for p in range(1, max_period + 1):
+        span = repeats * p
+        if span > n:
+            return False
+        tail = tokens[n - span:]
+        if all(tail[i] == tail[i + p] for i in range(span - p)):
+            return True
+    return False
+
+
+def answer_complete(text: str) -> bool:
+    """Whether ``text`` holds a ``-->`` marker followed by a finished, non-empty answer line."""
+    at = text.rfind(ANSWER_MARKER)
+    if at < 0:
+        return False
+    after = text[at + len(ANSWER_MARKER):].lstrip("\n \t")
+    return "\n" in after and bool(after.split("\n", 1)[0].strip())
+
+
 def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen, device, eos, pad,
                result: GenerationResult, t0: float, stream, bar) -> None:
     """Prefill one batch (rows sorted by decreasing prompt length), then decode until every request
@@ -505,13 +559,21 @@ def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen,
     window = (max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK) if stops else 0
     live = list(rows)  # request index of each row of the current (shrinking) batch
     tokens: dict[int, list[int]] = {r: [] for r in rows}
+    penalty = float(config.repetition_penalty)
+    seen = torch.zeros(first_logits.shape, dtype=torch.bool, device=device) if penalty > 1.0 else None  # (b, V)
+    # The answer line is looked for in a tail of this many tokens (marker, blank lines, answer).
+    answer_window = 48
     emitted = 0  # characters already streamed
     first = True
     logits = first_logits
     while True:
         if config.ignore_eos and eos_index is not None:
             logits = logits.index_fill(-1, eos_index, float("-inf"))
+        if seen is not None:
+            logits = _penalise_repeats(logits, seen, penalty)
         nxt = _next_tokens(logits, config, gen)  # (b,)
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
         picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
         if first:
             now = time.perf_counter() - t0
@@ -533,6 +595,17 @@ def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen,
                 for r, tail in zip(check, tails):
                     if any(s in tail for s in stops):
                         finished[r] = "stop"
+        if config.stop_after_answer:
+            check = [r for r, t in zip(live, picked) if r not in finished and t not in eos and tokens[r]]
+            if check:
+                tails = tokenizer.batch_decode([tokens[r][-answer_window:] for r in check], skip_special_tokens=True)
+                for r, tail in zip(check, tails):
+                    if answer_complete(tail):
+                        finished[r] = "answer"
+        if config.stop_on_loop:
+            for r in live:
+                if r not in finished and is_looping(tokens[r]):
+                    finished[r] = "loop"
         for r, why in finished.items():
             text = tokenizer.decode(tokens[r], skip_special_tokens=True)
             if why == "stop":
@@ -563,6 +636,8 @@ def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen,
             sel = torch.tensor(keep, device=device)
             cache.reorder_cache(sel)  # drop finished rows from every layer's keys and values
             mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
+            if seen is not None:
+                seen = seen[sel]
             live = [live[j] for j in keep]
             if g is not None:
                 g = g[sel]
@@ -581,9 +656,11 @@ __all__ = [
     "GenerationError",
     "GenerationResult",
     "PromptError",
+    "answer_complete",
     "encode_prompts",
     "generate",
     "generate_detailed",
+    "is_looping",
     "model_context_length",
     "parse_expert_spec",
 ]

@@ -31,11 +31,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .answers import answers_match, extract_answer, infer_task_type
 from .data import Batch, DataError, collate, tokenize_records
 from .experts import ExpertBank
 from .inject import MixtureHandle, MixtureLinear, inject_experts
@@ -90,13 +91,15 @@ def prepare_shots(
     max_len: int = DEFAULT_MAX_LEN,
     batch_size: int = DEFAULT_SHOTS_BATCH,
     device: torch.device | str = "cpu",
+    prompt_format: str = "plain",
 ) -> list[Batch]:
-    """Tokenize the shots (loss on the output only) into padded batches on ``device``.
+    """Tokenize the shots (loss on the output only) into padded batches on ``device``, prompts in
+    ``prompt_format`` (the bank's: the experts are scored in the format they were trained in).
 
     Raises:
         DataError: a bad record, or every shot too long for ``max_len``.
     """
-    examples, stats = tokenize_records(shots, tokenizer, task=target, max_len=max_len)
+    examples, stats = tokenize_records(shots, tokenizer, task=target, max_len=max_len, prompt_format=prompt_format)
     if not examples:
         raise DataError(f"every shot is longer than max_len={max_len} tokens in its output alone", path="shots")
     if stats["dropped"]:
@@ -180,6 +183,7 @@ class MethodResult:
     weights: torch.Tensor
     objective: float
     trace: list[float]
+    ranked: list[tuple[torch.Tensor, float]] = field(default_factory=list)  # distinct candidates, best first
 
 
 class WeightSearch:
@@ -209,9 +213,11 @@ class WeightSearch:
             self.opt = ng.optimizers.NGOpt(parametrization=param, budget=budget, num_workers=1)
         self.budget = budget
         self.cache: dict[bytes, float] = {}
+        self.points: dict[bytes, torch.Tensor] = {}  # the candidate behind each cache entry
         self.best_w, self.best_f = torch.zeros(num_experts), math.inf
         if start_value is not None:
             self.cache[np.zeros(num_experts).tobytes()] = float(start_value)
+            self.points[np.zeros(num_experts).tobytes()] = torch.zeros(num_experts)
             self.best_f = float(start_value)
         self.trace: list[float] = []
         self._pending = None
@@ -233,6 +239,7 @@ class WeightSearch:
         self._pending = None
         value = float(value)
         self.cache[x.tobytes()] = value
+        self.points[x.tobytes()] = torch.from_numpy(x).float()
         with _quiet_scipy():
             self.opt.tell(cand, value)
         self.trace.append(value)
@@ -240,7 +247,9 @@ class WeightSearch:
             self.best_w, self.best_f = torch.from_numpy(x).float(), value
 
     def result(self) -> MethodResult:
-        return MethodResult(self.best_w, self.best_f, list(self.trace))
+        ranked = sorted(self.cache, key=self.cache.get)
+        return MethodResult(self.best_w, self.best_f, list(self.trace),
+                            [(self.points[k], self.cache[k]) for k in ranked])
 
 
 @contextmanager
@@ -410,6 +419,42 @@ def mean_routing(handle: MixtureHandle, batches: Sequence[Batch]) -> torch.Tenso
 
 
 # -------------------------------------------------------------------------------------------- mix
+def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], target: str,
+                       candidates: Sequence[tuple[torch.Tensor, float]], config) -> tuple[int, list[dict]]:
+    """Generate every shot's answer under every candidate gate (one batched call) and pick the
+    candidate that answers most shots correctly; ties go to more shots answered at all, then to the
+    lower objective.
+
+    The shots loss measures how well a mixture *scores* the teacher's text, not whether the student
+    writes an answer with it: on unseen tasks mixtures that lower the loss were measured looping
+    (``-->`` or ``1. 1. 1.`` repeated) on most questions. Candidates should include w = 0, the
+    frozen student, so a bank that cannot help leaves the student as it is.
+
+    Args:
+        candidates: ``(w (E,), objective)`` pairs.
+        config: the ``GenerationConfig`` of the check (its prompt format should be the bank's).
+    Returns:
+        ``(index of the chosen candidate, per-candidate records {weights, objective, correct, answered})``.
+    """
+    from .evaluate import gold_answer
+    from .generate import generate_detailed
+
+    golds = [gold_answer(s["output"]) for s in shots]
+    task_type = infer_task_type(target, golds, default="text")  # text: the answer line, compared exactly
+    prompts = [s["input"] for s in shots] * len(candidates)
+    gates = torch.stack([w for w, _ in candidates for _ in shots])  # (C * S, E)
+    texts = generate_detailed(handle.model, tokenizer, prompts, handle=handle, gates=gates, config=config).texts
+    records = []
+    for c, (w, value) in enumerate(candidates):
+        preds = [extract_answer(t, task_type) for t in texts[c * len(shots):(c + 1) * len(shots)]]
+        records.append({"weights": [round(float(x), 4) for x in w], "objective": value,
+                         "correct": sum(p is not None and answers_match(p, g, task_type) for p, g in zip(preds, golds)),
+                         "answered": sum(p is not None for p in preds)})
+    best = max(range(len(candidates)), key=lambda i: (records[i]["correct"], records[i]["answered"],
+                                                       -records[i]["objective"]))
+    return best, records
+
+
 def mix(
     bank: ExpertBank,
     student,
@@ -430,6 +475,8 @@ def mix(
     bank_dir: str | None = None,
     backend: str = "auto",
     handle: MixtureHandle | None = None,
+    finalists: int = 0,
+    verify_config=None,
 ) -> Mixture:
     """Find how to combine ``bank``'s experts for ``target`` from a few examples.
 
@@ -454,6 +501,12 @@ def mix(
         backend: kernel backend of the injection.
         handle: an existing injection of ``bank`` into ``student.model`` to reuse (its mode is set
             for the call and restored); None injects here and removes the layers afterwards.
+        finalists: > 0 checks the result by generation (:func:`pick_by_generation`): the best
+            ``finalists`` distinct candidates of the search (the result alone for gradient and
+            uniform) plus w = 0 each answer the shots, and the one that answers most of them
+            correctly is kept. 0: the objective alone decides. Not for routers.
+        verify_config: the ``GenerationConfig`` of that check (default: greedy, 256 new tokens,
+            the bank's prompt format, stop after the answer line and on loops).
     Returns:
         The Mixture (not yet saved; see ``mixture.save_mixture``).
     """
@@ -474,7 +527,10 @@ def mix(
     bank.check_student(student)
     model, tokenizer = student.model, student.tokenizer
     device = next(model.parameters()).device
-    batches = prepare_shots(shots, tokenizer, target=target, max_len=max_len, batch_size=batch_size, device=device)
+    batches = prepare_shots(shots, tokenizer, target=target, max_len=max_len, batch_size=batch_size, device=device,
+                            prompt_format=bank.prompt_format)
+    if finalists < 0:
+        raise ValueError(f"finalists must be >= 0, got {finalists}")
 
     own = handle is None
     if own:
@@ -527,6 +583,15 @@ def mix(
         else:  # search and gradient evaluated their best w already: no extra forward
             objective_after = res.objective
             loss_after = res.objective - float(objective.penalty(w))
+        if finalists and method != "router":
+            pool = res.ranked[:finalists] if method == "search" else [(w, objective_after)]
+            if not any(bool((c == 0).all()) for c, _ in pool):
+                pool.append((zero, loss_before if loss_before is not None else objective.loss(zero)))
+            chosen, checked = pick_by_generation(handle, tokenizer, shots, target, pool,
+                                                 verify_config or _verify_config(bank))
+            w, objective_after = pool[chosen]
+            loss_after = objective_after - float(objective.penalty(w))
+            info.update(selection="generation on the shots", finalists=checked, chosen=chosen)
         info.update(objective_before=loss_before, objective_after=objective_after,
                     seconds=round(time.perf_counter() - t0, 3))
         evaluations = objective.evaluations + (budget if method == "router" else 0)
@@ -545,6 +610,13 @@ def mix(
         bank=bank_record(bank, bank_dir), shots_loss_before=loss_before, shots_loss_after=loss_after,
         evaluations=evaluations, top_k=top_k if method == "router" else 0, info=info, router_state=router_state,
     )
+
+
+def _verify_config(bank: ExpertBank):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=256, prompt_format=bank.prompt_format, stop_after_answer=True,
+                            stop_on_loop=True)
 
 
 def _router_shots_loss(handle: MixtureHandle, objective: ShotsObjective) -> float:
