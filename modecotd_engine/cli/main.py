@@ -10,7 +10,7 @@ import sys
 from .. import __version__
 
 # Each module exposes register(subparsers) and sets args.func; the order is the order of --help.
-_COMMANDS = ("student", "data", "teach", "train", "experts", "mix", "infer", "eval", "bench")
+_COMMANDS = ("student", "data", "teach", "train", "experts", "mix", "infer", "eval", "reproduce", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

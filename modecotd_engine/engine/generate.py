@@ -451,6 +451,14 @@ def _plain_dynamic_cache(model: nn.Module) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def _cache_kwarg(module: nn.Module) -> str:
+    """The name ``module.forward`` takes its KV cache by: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(module).forward).parameters else "past_key_values"
+
+
 def _last_position_logits(model, input_ids, mask, positions, cache) -> torch.Tensor:
     """The decoder over a prompt batch into ``cache``; logits (b, V) of the last position only.
 
@@ -459,8 +467,9 @@ def _last_position_logits(model, input_ids, mask, positions, cache) -> torch.Ten
     times; in bfloat16 on CPU that expansion is copied: 16 prompts of SmolLM2 copied 0.9 GB and spent
     1.3 s of a 2.5 s prefill there. A contiguous (b, K) input makes it one plain GEMM.
     """
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=cache, use_cache=True).last_hidden_state
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                     use_cache=True, **{_cache_kwarg(decoder): cache}).last_hidden_state
     return model.get_output_embeddings()(hidden[:, -1].contiguous())
 
 
@@ -563,6 +572,7 @@ def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen,
     seen = torch.zeros(first_logits.shape, dtype=torch.bool, device=device) if penalty > 1.0 else None  # (b, V)
     # The answer line is looked for in a tail of this many tokens (marker, blank lines, answer).
     answer_window = 48
+    cache_arg = {_cache_kwarg(model): cache}
     emitted = 0  # characters already streamed
     first = True
     logits = first_logits
@@ -645,7 +655,7 @@ def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen,
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
         last_pos = last_pos + 1
         out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_arg)
         result.forward_calls += 1
         logits = out.logits[:, -1, :]
 

@@ -1,0 +1,78 @@
+"""`reproduce` on a tiny student and a tiny layout: every stage runs, the report has every system, and a
+second run continues instead of starting over."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from modecotd_engine.cli.main import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _record(rng, prompt_only=False):
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    out = f"{a} plus {b} is {a + b}.\n\n-->\n\n{a + b} END"
+    return {"input": f"Q: {a} + {b} = ?\nA:", "output": str(a + b) if prompt_only else out}
+
+
+def _coin(rng, gold_only=False):
+    n = rng.randint(0, 3)
+    ans = "yes" if n % 2 == 0 else "no"
+    return {"input": f"A coin is heads up. It is flipped {n} times. Is it still heads up?\nA:",
+            "output": ans if gold_only else f"{n} flips.\n\n-->\n\n{ans} END"}
+
+
+@pytest.fixture()
+def layout(tmp_path):
+    rng = random.Random(0)
+    root = tmp_path / "data"
+    for sub in ("train", "learn", "dev-unseen"):
+        (root / sub).mkdir(parents=True)
+    for task in ("addsub", "multiarith"):
+        (root / "train" / f"{task}.json").write_text(json.dumps([_record(rng) for _ in range(14)]))
+        (root / "learn" / f"{task}.jsonl").write_text("".join(json.dumps(_record(rng)) + "\n" for _ in range(3)))
+    (root / "learn" / "coin_flip.jsonl").write_text("".join(json.dumps(_coin(rng)) + "\n" for _ in range(3)))
+    (root / "dev-unseen" / "coin_flip.json").write_text(json.dumps([_coin(rng, True) for _ in range(5)]))
+    return root
+
+
+def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reproduce", "--data", str(layout), "--out", str(out), "--student", str(tiny_student_dir),
+            "--tasks", "addsub,multiarith", "--prompt-format", "plain", "--no-progress",
+            "--set", "steps=3", "--set", "heldout=3", "--set", "eval_limit=2", "--set", "max_new_tokens=4",
+            "--set", "budget=3", "--set", "finalists=2", "--set", "max_len=64", "--set", "batch_size=2"]
+    assert main(argv) == 0
+    report = (out / "report.md").read_text()
+    for system in ("base", "multitask", "experts", "search-weight", "search-output", "uniform"):
+        assert system in report.splitlines()[4], system  # the table's header names every system
+    assert "| coin_flip | no | 2 |" in report and "| addsub | yes | 2 |" in report
+    assert (out / "report.png").stat().st_size > 0
+    # held-out records are not trained on; unseen evaluation records never reach training or mixing
+    held = json.loads((out / "data" / "eval" / "addsub.json").read_text())
+    train = json.loads((out / "data" / "train" / "addsub.json").read_text())
+    assert len(train) == 11 and not any(r in train for r in held)
+    assert not (out / "data" / "train" / "coin_flip.json").exists()
+    mixture = json.loads((out / "mixtures" / "weight" / "coin_flip.json").read_text())
+    assert mixture["info"]["shots"] == 3 and "finalists" in mixture["info"]
+    summary = json.loads((out / "eval" / "experts" / "summary.json").read_text())
+    assert set(summary["tasks"]) == {"addsub", "multiarith"}
+    times = json.loads((out / "stages.json").read_text())
+    capsys.readouterr()
+
+    assert main(argv) == 0  # a second run finds every stage done
+    assert "[experts] done already" in capsys.readouterr().out
+    assert json.loads((out / "stages.json").read_text()) == times
+
+
+def test_reproduce_refuses_a_bad_layout(tmp_path, tiny_student_dir):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(FileNotFoundError, match="no learn/ directory"):
+        from modecotd_engine.engine.reproduce import ReproduceConfig, reproduce
+
+        reproduce(ReproduceConfig(data=str(tmp_path), out=str(tmp_path / "o"), student=str(tiny_student_dir)))
+    assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
