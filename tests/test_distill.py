@@ -99,6 +99,42 @@ def test_a_step_moves_only_the_experts_of_its_tasks(tiny_student_dir, tmp_path):
             assert torch.equal(b3.lora_b[m][touched[0]], b1.lora_b[m][touched[0]])
 
 
+def test_train_step_leaves_idle_experts_bit_identical(tiny_student_dir, tmp_path):
+    """Inside the loop: at every step the experts absent from its batches keep their exact weights
+    (AdamW moments would move them otherwise), and the present ones move."""
+    from modecotd_engine.engine.data import BatchPlan, read_task_dir, tokenize_records
+    from modecotd_engine.engine.distill import LossModule, train_step
+    from modecotd_engine.engine.inject import inject_experts
+    from modecotd_engine.engine.optim import ExpertAdamW
+    from modecotd_engine.engine.student import load_student
+
+    st = load_student(tiny_student_dir, dtype="float32")
+    files = read_task_dir(write_tasks(tmp_path / "data"))
+    names = sorted(files)
+    examples = {n: tokenize_records(files[n].records, st.tokenizer, task=n, max_len=64)[0] for n in names}
+    plan = BatchPlan(examples, batch_size=4, seed=0, task_index={n: i for i, n in enumerate(names)},
+                     pad_id=st.tokenizer.pad_token_id)
+    bank = ExpertBank.create(st.model, names, rank=4, alpha=8)
+    handle = inject_experts(st.model, bank, trainable=True)
+    params = handle.lora_parameters()
+    opt = ExpertAdamW(params, len(names), lr=5e-3)
+    loss_module = LossModule(st.model)
+    idle_seen = 0
+    for step in range(8):
+        before = {m: (bank.lora_a[m].detach().clone(), bank.lora_b[m].detach().clone()) for m in bank.modules}
+        batch = plan.batch(step)
+        active = int(batch.task_ids[0])
+        stats = train_step(loss_module, handle, opt, params, [batch], names, lr=5e-3, clip=1.0,
+                           device=torch.device("cpu"))
+        assert set(stats.task_loss_sum) == {names[active]} and stats.tokens == batch.num_tokens
+        for e in range(len(names)):
+            same = all(torch.equal(bank.lora_a[m][e], before[m][0][e]) and torch.equal(bank.lora_b[m][e], before[m][1][e])
+                       for m in bank.modules)
+            assert same == (e != active), (step, e)
+            idle_seen += e != active and step > 0
+    assert idle_seen  # the idle branch was taken after experts had moments
+
+
 def test_existing_run_needs_resume(tiny_student_dir, tmp_path):
     data = write_tasks(tmp_path / "data")
     train(small_cfg(tiny_student_dir, data, tmp_path / "run", steps=4))
@@ -207,8 +243,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):
     data = write_tasks(tmp_path / "data")
     common = ["--student", str(tiny_student_dir), "--data", str(data), "--steps", "6", "--batch-size", "4",
-              "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--n-eval", "0", "--max-len", "64",
-              "--no-progress", "--dtype", "float32"]
+              "--grad-accum", "2", "--rank", "4", "--lr", "5e-3", "--warmup", "2", "--n-eval", "0",
+              "--max-len", "64", "--no-progress", "--dtype", "float32"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run(_cli(*common, "--out", str(tmp_path / "single")), env=env, capture_output=True,
                             text=True)
@@ -219,6 +255,7 @@ def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2  # two ranks trained
     a, b = ExpertBank.load(tmp_path / "single" / "bank"), ExpertBank.load(tmp_path / "ddp" / "bank")
     for m in a.modules:
         torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=1e-4, atol=1e-5)

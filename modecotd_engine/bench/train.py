@@ -23,11 +23,10 @@ from .common import device_name, versions
 from ..engine.data import BatchPlan, tokenize_records
 from ..engine.atomic import atomic_write_text
 from ..engine.attention import select_attention
-from ..engine.distill import TrainConfig, lr_at
+from ..engine.distill import LossModule, TrainConfig, lr_at, train_step
 from ..engine.experts import ExpertBank
 from ..engine.fused import fused_norms_enabled, use_fused_norms
 from ..engine.inject import inject_experts
-from ..engine.loss import supervised_loss
 from ..engine.optim import ExpertAdamW
 from ..engine.student import load_student
 from ..engine.tasks import SEEN_TASKS, generate_records
@@ -54,22 +53,19 @@ def _ours(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:
     params = handle.lora_parameters()
     opt = ExpertAdamW(params, len(names), lr=cfg.lr, weight_decay=0.0)
     model.train()
+    loss_module = LossModule(model)
     timed_tokens, timed_s, last = 0, 0.0, {}
     for step in range(steps):
         b = plan.batch(step)
         t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        handle.set_gates(torch.nn.functional.one_hot(b.task_ids, len(names)).float().to(device))
-        loss = supervised_loss(model, b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step(sorted(set(b.task_ids.tolist())))  # as the training loop: idle experts untouched
-        opt.zero_grad(set_to_none=True)
+        # the training loop's own step function (distill.train_step), not a copy of it
+        stats = train_step(loss_module, handle, opt, params, [b], names, lr=lr_at(step, cfg), clip=cfg.clip,
+                           device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        last[names[int(b.task_ids[0])]] = float(loss)
+        task = names[int(b.task_ids[0])]
+        last[task] = float(stats.task_loss_sum[task]) / max(1, stats.task_tokens[task])
         if step > 0:
             timed_tokens += b.num_tokens
             timed_s += dt

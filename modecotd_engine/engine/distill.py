@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from torch import nn
 from .data import BatchPlan, read_task_dir, read_task_file, tokenize_records
 from .experts import DEFAULT_TARGETS, ExpertBank
 from .inject import inject_experts
-from .loss import supervised_positions
+from .loss import supervised_loss
 from .optim import ExpertAdamW
 from .student import load_student, model_attention
 
@@ -124,7 +125,7 @@ class TrainResult:
     is_main: bool = True  # False on the non-zero ranks of a distributed run
 
 
-class _LossModule(nn.Module):
+class LossModule(nn.Module):
     """Wraps the student so DistributedDataParallel sees the loss computation as one forward."""
 
     def __init__(self, model: nn.Module):
@@ -132,11 +133,56 @@ class _LossModule(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels, denom: float):
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask, targets = supervised_positions(labels)
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][mask]).float()  # (S, V), S supervised only
-        loss_sum = nn.functional.cross_entropy(logits, targets, reduction="sum")
+        # Logits only at the supervised positions, the head fused with a blocked cross-entropy (loss.py).
+        loss_sum = supervised_loss(self.model, input_ids, attention_mask, labels, reduction="sum")
         return loss_sum / denom, loss_sum.detach()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured; tensors are read (a device sync) only where logged."""
+
+    tokens: int  # supervised tokens of the global step
+    task_loss_sum: dict[str, torch.Tensor]  # task -> summed loss of this process's share
+    task_tokens: dict[str, int]  # task -> supervised tokens of this process's share
+    grad_norm: torch.Tensor
+
+
+def train_step(loss_module: nn.Module, handle, opt: ExpertAdamW, params: list[torch.Tensor], micro: list,
+               names: list[str], *, lr: float, clip: float, device: torch.device, world: int = 1, rank: int = 0,
+               autocast=None) -> StepStats:
+    """One optimizer step over the micro-batches ``micro`` (the whole global batch): each example's
+    gate one-hot on its task's expert, the supervised-token loss (sum / the step's token count, so
+    micro-batches and processes add up to one token-mean), backward, clipping, and the per-expert
+    AdamW step on the experts present (the others keep weights, moments and step count).
+
+    ``loss_module`` is a ``LossModule`` or its DistributedDataParallel wrapper; gradients are then
+    all-reduced once, on the last micro-batch (``no_sync`` on the others). ``train`` and
+    ``bench train`` both run this function.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    denom = float(sum(b.num_tokens for b in micro))  # token-mean over the whole global step
+    task_loss: dict[str, torch.Tensor] = {}
+    task_tok: dict[str, int] = {}
+    part = slice(rank, None, world)  # this rank's share of each global batch
+    for i, batch in enumerate(micro):
+        ids, am, lab = batch.input_ids[part], batch.attention_mask[part], batch.labels[part]
+        handle.set_gates(nn.functional.one_hot(batch.task_ids[part], len(names)).to(device=device, dtype=torch.float32))
+        sync = (loss_module.no_sync() if isinstance(loss_module, nn.parallel.DistributedDataParallel)
+                and i < len(micro) - 1 else nullcontext())
+        with sync:
+            with autocast or nullcontext():
+                loss, loss_sum = loss_module(ids.to(device), am.to(device), lab.to(device), denom / world)
+            loss.backward()
+        task = names[int(batch.task_ids[0])]  # the data plan keeps one task per micro-batch
+        task_loss[task] = task_loss[task] + loss_sum if task in task_loss else loss_sum
+        task_tok[task] = task_tok.get(task, 0) + int((lab[:, 1:] != -100).sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step(sorted({int(t) for b in micro for t in b.task_ids.tolist()}))
+    opt.zero_grad(set_to_none=True)
+    handle.set_gates(None)
+    return StepStats(int(denom), task_loss, task_tok, grad_norm)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -187,11 +233,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         start = _load_checkpoint(resume_from, cfg, bank, opt)
         if main:
             print(f"resumed from {resume_from} at step {start}")
-    loss_module = _LossModule(model)
+    loss_module = LossModule(model)
     if world > 1:
         loss_module = nn.parallel.DistributedDataParallel(loss_module)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else _nullcontext())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     results_before = {}
     if main and cfg.n_eval and cfg.eval_before and start == 0:
@@ -207,27 +252,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
         micro = [plan.batch(step * cfg.grad_accum + i) for i in range(cfg.grad_accum)]
-        denom = float(sum(b.num_tokens for b in micro))  # token-mean over the whole global step
-        step_loss, task_loss, task_tok = 0.0, {}, {}
-        for i, batch in enumerate(micro):
-            part = slice(rank, None, world)  # this rank's share of the global batch
-            ids, am, lab = batch.input_ids[part], batch.attention_mask[part], batch.labels[part]
-            tids = batch.task_ids[part]
-            handle.set_gates(nn.functional.one_hot(tids, len(names)).to(device=device, dtype=torch.float32))
-            with autocast:
-                loss, loss_sum = loss_module(ids.to(device), am.to(device), lab.to(device), denom / world)
-            loss.backward()
-            task = names[int(batch.task_ids[0])]
-            task_loss[task] = task_loss.get(task, 0.0) + loss_sum
-            task_tok[task] = task_tok.get(task, 0) + int((lab[:, 1:] != -100).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        active = sorted({int(t) for b in micro for t in b.task_ids.tolist()})
-        opt.step(active)  # experts absent from this step keep their weights, moments and step count
-        opt.zero_grad(set_to_none=True)
-        handle.set_gates(None)
+        stats = train_step(loss_module, handle, opt, params, micro, names, lr=lr, clip=cfg.clip, device=device,
+                           world=world, rank=rank, autocast=autocast)
+        denom, task_loss, task_tok, grad_norm = stats.tokens, stats.task_loss_sum, stats.task_tokens, stats.grad_norm
         dt = time.perf_counter() - t0
         if step > start:  # the first step of a process pays for warm-up; keep it out of the rate
             tokens_total += int(denom)
@@ -273,7 +301,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             with open(out / "accuracy.json", "w") as f:
                 json.dump({"before": result.accuracy_before, "after": result.accuracy_after}, f, indent=2)
         with open(out / "summary.json", "w") as f:
-            json.dump({"steps": cfg.steps, "final_loss": loss_val, "tokens_per_s": result.tokens_per_s,
+            json.dump({"steps": cfg.steps, "world_size": world, "final_loss": loss_val, "tokens_per_s": result.tokens_per_s,
                        "bank": str(bank_dir), "config": asdict(cfg)}, f, indent=2, default=str)
     if world > 1:
         dist.barrier()
@@ -487,14 +515,6 @@ def _peak_mem_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -110,8 +110,9 @@ def supervised_loss(
     labels: torch.Tensor,
     *,
     per_sequence: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over supervised tokens of a causal LM batch.
+    """Cross-entropy over the supervised tokens of a causal LM batch: their mean, or their sum.
 
     Args:
         model: a Hugging Face causal LM (``get_decoder()`` and ``get_output_embeddings()``).
@@ -119,9 +120,13 @@ def supervised_loss(
         attention_mask: (B, L).
         labels: (B, L), -100 on prompt and padding.
         per_sequence: also return each sequence's mean loss (B,).
+        reduction: "mean" over the supervised tokens, or "sum" (a training step that spreads one
+            optimizer step over micro-batches or processes divides the sum by the step's token count).
     Returns:
-        the scalar mean loss (float32; float64 for a float64 model), and with ``per_sequence`` the (B,) per-sequence means.
+        the scalar loss (float32; float64 for a float64 model), and with ``per_sequence`` the (B,) per-sequence means.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     mask, targets = supervised_positions(labels)
     if targets.numel() == 0:
@@ -132,7 +137,7 @@ def supervised_loss(
         tok = linear_cross_entropy(h, head.weight, targets)  # (S,)
     else:
         tok = F.cross_entropy(head(h).to(torch.promote_types(h.dtype, torch.float32)), targets, reduction="none")
-    loss = tok.mean()
+    loss = tok.mean() if reduction == "mean" else tok.sum()
     if not per_sequence:
         return loss
     seq = torch.zeros(labels.shape[0], device=tok.device, dtype=tok.dtype)
