@@ -4,6 +4,7 @@ and the injection layer (exactness with zero and one-hot gates)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -233,9 +234,11 @@ def test_double_injection_refused(model):
 
 
 # ------------------------------------------------------------------------------------- PEFT
-peft = pytest.importorskip("peft")
+# Only these tests need peft; a module-level importorskip would hide every test above as well.
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 
 
+@needs_peft
 @pytest.mark.parametrize("what", ["single", "weight", "output"])
 def test_export_peft_matches_our_logits(base_model, model, tmp_path, what):
     from peft import PeftModel
@@ -253,6 +256,7 @@ def test_export_peft_matches_our_logits(base_model, model, tmp_path, what):
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
+@needs_peft
 def test_import_peft_adapter_as_expert(base_model, model, tmp_path):
     from peft import LoraConfig, get_peft_model
 
@@ -272,7 +276,7 @@ def test_import_peft_adapter_as_expert(base_model, model, tmp_path):
     torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
 
 
-def test_import_peft_errors(model, tmp_path):
+def test_import_peft_errors(model, tmp_path):  # reading adapter files needs no peft
     bank = random_bank(model)
     with pytest.raises(ExpertBankError, match="adapter_config.json"):
         bank.import_peft(tmp_path, "x")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -40,7 +42,7 @@ PATTERNS = ["dense", "onehot_distinct", "onehot_grouped", "onehot_identical", "z
 @pytest.mark.parametrize("lead", [(1,), (7,), (2, 5)])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_grouped_matches_loop_forward_and_grads(mode, pattern, lead, has_bias):
-    gen = torch.Generator().manual_seed(hash((mode, pattern, lead, has_bias)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((mode, pattern, lead, has_bias)).encode()))
     k, n, e, r = 13, 11, 4, 3
     x = torch.randn(*lead, k, generator=gen, dtype=torch.float64)
     w = torch.randn(n, k, generator=gen, dtype=torch.float64)

@@ -4,6 +4,7 @@ autograd-of-a-loop oracle, gradcheck, the one-GEMM shrink, and the router in the
 from __future__ import annotations
 
 import copy
+import zlib
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def run_with_grads(fn, x, w, b, a, bb, router, dy, *args):
 @pytest.mark.parametrize("lead", [(1,), (7,), (3, 5)])
 @pytest.mark.parametrize("has_bias", [True, False])
 def test_forward_and_every_gradient_match_loop_oracle(mode, top_k, lead, has_bias):
-    inputs = make_inputs(lead, has_bias=has_bias, seed=hash((mode, top_k, lead, has_bias)) % 2**31)
+    inputs = make_inputs(lead, has_bias=has_bias, seed=zlib.crc32(repr((mode, top_k, lead, has_bias)).encode()))
     dy = inputs[-1]
     want = run_with_grads(loop_oracle, *inputs, 0.75, top_k, mode)
     for name, fn in (("reference", routed_lora_mixture_reference),
