@@ -260,3 +260,96 @@ def test_two_process_ddp_matches_single_process(tiny_student_dir, tmp_path):
     for m in a.modules:
         torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(b.lora_b[m], a.lora_b[m], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the default path, as users run it
+def test_default_path_builtin_tasks_bf16_grouped_attention(tiny_student_dir, tmp_path, capsys):
+    """`train` without --data: built-in tasks written into the run, bf16 student with the engine's
+    grouped attention where the CPU has native bf16, before/after evaluation and its files."""
+    from modecotd_engine.cli.main import main
+    from modecotd_engine.engine.student import cpu_has_native_bf16
+
+    out = tmp_path / "run"
+    argv = ["train", "--student", str(tiny_student_dir), "--out", str(out), "--steps", "4", "--batch-size", "2",
+            "--grad-accum", "2", "--n-train", "8", "--n-eval", "2", "--eval-max-new-tokens", "4",
+            "--tasks", "word_math,coin_flips", "--rank", "2", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    if cpu_has_native_bf16():
+        assert "torch.bfloat16 on cpu, attention modecotd_grouped" in printed
+    written = sorted(p.name for p in (out / "data" / "train").iterdir())
+    assert {"word_math.jsonl", "coin_flips.jsonl"} <= set(written)  # the built-in tasks, as files
+    assert {"word_math.jsonl", "coin_flips.jsonl"} <= {p.name for p in (out / "data" / "eval").iterdir()}
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert set(acc["before"]) == set(acc["after"]) == {"word_math", "coin_flips"}
+    assert "| **mean** |" in (out / "accuracy.md").read_text()
+    for label in ("before", "after"):
+        assert len((out / f"predictions-{label}" / "word_math.jsonl").read_text().splitlines()) == 2
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(x["tokens"] > 0 for x in lines)
+    assert ExpertBank.load(out / "bank").names == ["coin_flips", "word_math"]
+
+    # --no-eval-before: only the after table is measured
+    out2 = tmp_path / "run2"
+    assert main(argv[:4] + [str(out2)] + argv[5:] + ["--no-eval-before"]) == 0
+    assert json.loads((out2 / "accuracy.json").read_text())["before"] == {}
+    assert not (out2 / "predictions-before").exists()
+    # an unknown task is refused, naming what exists
+    assert main(argv[:4] + [str(tmp_path / "run3")] + argv[5:-3] + ["--tasks", "nope", "--no-progress"]) == 2
+    assert "unknown task(s) ['nope']" in capsys.readouterr().err
+
+
+def test_grad_accum_splits_one_step_exactly(tiny_student_dir, tmp_path):
+    """One step over 4 examples, as one micro-batch or as two of 2: the loss is one token-mean over
+    the whole step, so the experts after it agree (float64 student, up to summation order)."""
+    from modecotd_engine.engine.data import collate, read_task_dir, tokenize_records
+    from modecotd_engine.engine.distill import LossModule, train_step
+    from modecotd_engine.engine.inject import inject_experts
+    from modecotd_engine.engine.optim import ExpertAdamW
+    from modecotd_engine.engine.student import load_student
+
+    st = load_student(tiny_student_dir, dtype="float32")
+    st.model.double()
+    files = read_task_dir(write_tasks(tmp_path / "data"))
+    index = {n: i for i, n in enumerate(sorted(files))}
+    ex = tokenize_records(files["add"].records, st.tokenizer, task="add", max_len=64)[0]
+    ex = sorted(ex[:4], key=len)  # different lengths: the halves pad differently from the whole
+    pad = st.tokenizer.pad_token_id
+    results = []
+    for micro in ([collate(ex, index, pad)], [collate(ex[:2], index, pad), collate(ex[2:], index, pad)]):
+        bank = ExpertBank.create(st.model, sorted(files), rank=4, alpha=8, dtype=torch.float64)
+        for m in bank.modules:  # non-zero B, so dA is not zero either
+            bank.lora_b[m].copy_(torch.randn(bank.lora_b[m].shape, generator=torch.Generator().manual_seed(1)))
+        handle = inject_experts(st.model, bank, trainable=True)
+        params = handle.lora_parameters()
+        opt = ExpertAdamW(params, len(index), lr=1e-2)
+        stats = train_step(LossModule(st.model), handle, opt, params, micro, sorted(files), lr=1e-2, clip=1e9,
+                           device=torch.device("cpu"))
+        results.append((bank, float(stats.grad_norm)))
+        handle.remove()
+    (a, norm_a), (b, norm_b) = results
+    assert norm_a == pytest.approx(norm_b, rel=1e-12)
+    for m in a.modules:
+        torch.testing.assert_close(b.lora_a[m], a.lora_a[m], rtol=0, atol=1e-12)
+        torch.testing.assert_close(b.lora_b[m], a.lora_b[m], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep", "error"])
+def test_missing_marker_policy(tiny_student_dir, tmp_path, policy, capsys):
+    from modecotd_engine.cli.main import main
+
+    data = write_tasks(tmp_path / "data", n=10)
+    recs = json.loads((data / "add.json").read_text())
+    recs[0]["output"] = "no marker here END"
+    (data / "add.json").write_text(json.dumps(recs))
+    argv = ["train", "--student", str(tiny_student_dir), "--data", str(data), "--out", str(tmp_path / policy),
+            "--steps", "1", "--batch-size", "2", "--n-eval", "0", "--dtype", "float32", "--no-progress",
+            "--missing-marker", policy]
+    code = main(argv)
+    printed = capsys.readouterr()
+    if policy == "error":
+        assert code == 2 and "-->" in printed.err
+    else:
+        assert code == 0
+        assert f"task add: {10 if policy == 'keep' else 9} examples" in printed.out
