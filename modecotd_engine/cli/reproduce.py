@@ -61,14 +61,35 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
+def _header(prof: Profile) -> list[str]:
+    import datetime
+    import shlex
+    import sys
+
+    import torch
+
+    from ..bench.common import device_name, versions
+
+    v = versions()
+    command = "modecotd-engine " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return [f"- command: `{command}`",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; device: "
+            f"{device_name(torch.device('cpu'))}; python {v['python']}, torch {v['torch']}, "
+            f"transformers {v['transformers']}",
+            f"- profile: {prof.steps or f'{prof.epochs:g} epochs of'} steps, batch {prof.batch_size}, lr {prof.lr:g}, "
+            f"rank {prof.rank} on {', '.join(prof.targets)}, max length {prof.max_len}; {prof.heldout} records per seen "
+            f"task held out of train/, {prof.eval_limit or 'all'} evaluated per task; greedy decoding, "
+            f"{prof.max_new_tokens} new tokens at most; search budget {prof.budget}, {prof.finalists} finalists"]
+
+
 def run(args) -> int:
     cfg = ReproduceConfig(data=args.data, out=args.out, profile=args.profile,
                           tasks=tuple(t for t in args.tasks.split(",") if t),
                           unseen=tuple(t for t in args.unseen.split(",") if t), eval_dir=args.eval_dir,
                           prompt_format=args.prompt_format, student=args.student, seed=args.seed,
                           progress=not args.no_progress, overrides=_overrides(args.set))
-    cfg.resolved_profile()  # a bad profile or field fails before anything runs
-    report = reproduce(cfg)
+    prof = cfg.resolved_profile()  # a bad profile or field fails before anything runs
+    report = reproduce(cfg, header=_header(prof))
     print(report.read_text())
     print(f"report: {report} (and {report.with_suffix('.png').name})")
     return 0

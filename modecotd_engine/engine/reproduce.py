@@ -119,8 +119,9 @@ class _Stages:
         print(f"[{name}] {self.times[name]:.0f} s", flush=True)
 
 
-def reproduce(cfg: ReproduceConfig) -> Path:
-    """Run (or continue) the protocol; returns the path of ``report.md``."""
+def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
+    """Run (or continue) the protocol; returns the path of ``report.md``, which opens with ``header``
+    (the command, device, versions and date: the caller knows them)."""
     root, out = Path(cfg.data), Path(cfg.out)
     prof = cfg.resolved_profile()
     layout = _read_layout(root, cfg, prof)
@@ -146,7 +147,7 @@ def reproduce(cfg: ReproduceConfig) -> Path:
         stages.run(f"eval-search-{mode}", out / "eval" / f"search-{mode}" / "summary.json",
                    lambda: session.eval_mixtures(layout, mode))
     stages.run("eval-uniform", out / "eval" / "uniform" / "summary.json", lambda: session.eval_uniform(layout))
-    return write_report(out, layout, stages.times)
+    return write_report(out, layout, stages.times, header=header)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -332,7 +333,7 @@ class _Session:
 SYSTEMS = ("base", "multitask", "experts", "search-weight", "search-output", "uniform")
 
 
-def write_report(out: Path, layout: dict, times: dict) -> Path:
+def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()) -> Path:
     """``report.md`` and ``report.png`` from the evaluation summaries found under ``out/eval``."""
     found = {s: json.loads((out / "eval" / s / "summary.json").read_text())
              for s in SYSTEMS if (out / "eval" / s / "summary.json").exists()}
@@ -360,7 +361,7 @@ def write_report(out: Path, layout: dict, times: dict) -> Path:
         n = sum(r["n"] for r in summ["tasks"].values())
         k = sum(r.get("no_answer", r.get("unextracted", 0)) for r in summ["tasks"].values())
         no_answer.append(f"{s} {k}/{n} ({100 * k / max(1, n):.1f}%)")
-    text = ["# Real-data reproduction", "",
+    text = ["# Real-data reproduction", "", *header, "",
             "Accuracy in % per task and system (exact match after answer extraction). Systems: `base` the frozen "
             "student; `multitask` one LoRA on the union of the seen tasks' data; `experts` each seen task's own "
             "expert; `search-weight` / `search-output` a weight search over the bank on the task's shots "
