@@ -20,9 +20,9 @@ import torch
 from ..engine.atomic import atomic_write_text
 from ..engine.generate import GenerationConfig, GenerationError, PromptError, encode_prompts, generate_detailed
 from ..engine.data import PROMPT_FORMATS, format_prompt
+from ..kernels import MODES
 from ..engine.generate import LOOP_REPEATS, model_context_length, parse_expert_spec
 
-MODES = ("output", "weight")
 _EPILOG = """\
 request file (--input): one JSON object a line, e.g.
   {"prompt": "Q: Tom has 3 apples ...\\nA:", "experts": "word_math"}

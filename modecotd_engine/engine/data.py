@@ -29,6 +29,7 @@ import torch
 
 from modecotd_engine.engine.answers import ANSWER_MARKER
 
+# A task names its expert: the one rule for both (checked with fullmatch).
 EXPERT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 TASK_FILE_SUFFIXES = (".json", ".jsonl")
 MISSING_MARKER_POLICIES = ("drop", "keep", "error")

@@ -29,12 +29,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write_text, sha256_file
-from .data import PROMPT_FORMATS
+from .data import EXPERT_NAME_RE, PROMPT_FORMATS
 
 FORMAT = "modecotd-expert-bank"
 FORMAT_VERSION = 1
 DEFAULT_TARGETS = ("q_proj", "v_proj")
-EXPERT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 BANK_JSON = "experts.json"
 BANK_TENSORS = "experts.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -47,7 +46,7 @@ class ExpertBankError(ValueError):
 
 
 def check_expert_name(name: str) -> str:
-    if not isinstance(name, str) or not EXPERT_NAME_RE.match(name):
+    if not isinstance(name, str) or not EXPERT_NAME_RE.fullmatch(name):
         raise ExpertBankError(
             f"invalid expert name {name!r}: use 1-64 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..kernels import lora_mixture, lora_single_expert
-from ..kernels.reference import MODES
+from ..kernels import MODES
 from ..kernels.router import routed_lora_mixture
 from .experts import ExpertBank, ExpertBankError
 

@@ -42,11 +42,11 @@ from .experts import ExpertBank
 from .inject import MixtureHandle, MixtureLinear, inject_experts
 from .loss import supervised_loss
 from .mixture import METHODS, Mixture, bank_record
+from ..kernels import MODES
 from ..kernels.router import routing_gates
 
 log = logging.getLogger(__name__)
 
-MODES = ("weight", "output")
 DEFAULT_BUDGET = 40
 DEFAULT_L1 = 0.05
 DEFAULT_BOUNDS = (-3.0, 3.0)
