@@ -238,3 +238,34 @@ def test_eval_help_documents_compat_substring(capsys):
         _parse(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "'26' counts as correct for gold '2'" in text
+
+
+def test_majority_vote():
+    from modecotd_engine.engine.evaluate import majority_vote
+
+    assert majority_vote(["3", "3.0", "4", None], "arithmetic") == ("3", {"3": 2, "4": 1})
+    assert majority_vote(["(b)", "A", "B"], "choice")[0] == "(b)"
+    assert majority_vote([None, None], "boolean") == (None, {})
+    assert majority_vote(["no", "yes"], "boolean")[0] == "no"  # a tie: the first answer
+
+
+def test_eval_samples_vote(eval_setup):
+    """K sampled generations per record: the scored prediction is their majority answer, and each
+    record keeps its samples' answers."""
+    root, student = eval_setup
+    out = root / "out_vote"
+    args = _parse(["eval", "--student", str(student), "--bank", str(root / "bank"), "--data", str(root / "data"),
+                   "--per-task", "--tasks", "word_math", "--max-new-tokens", "6", "--samples", "3",
+                   "--temperature", "1.0", "--dtype", "float32", "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    preds = [json.loads(x) for x in (out / "predictions" / "word_math.jsonl").read_text().splitlines()]
+    from modecotd_engine.engine.evaluate import majority_vote
+
+    for p in preds:
+        assert len(p["sample_answers"]) == 3
+        assert p["prediction"] == majority_vote(p["sample_answers"], "arithmetic")[0]
+    assert json.loads((out / "summary.json").read_text())["generation"]["samples"] == 3
+    with pytest.raises(GenerationError, match="--temperature > 0"):
+        bad = _parse(["eval", "--student", str(student), "--data", str(root / "data"), "--samples", "3",
+                      "--out", str(root / "o")])
+        bad.func(bad)

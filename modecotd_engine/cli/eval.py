@@ -74,7 +74,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory: predictions/<task>.jsonl, summary.json, results.md")
     add_model_args(p)
-    add_generation_args(p, max_new_tokens=256, sampling=False)
+    add_generation_args(p, max_new_tokens=256, sampling=True)
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="generations per record; K > 1 scores the majority answer over them (self-consistency "
+                   "voting; needs --temperature > 0, e.g. 0.7). Default 1: greedy, one generation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -138,6 +141,9 @@ def run(args) -> int:
     from ..engine.mixture import load_router_state
 
     generation_config(args)  # bad flags fail before the student loads
+    if args.samples < 1 or (args.samples > 1 and args.temperature <= 0):
+        raise GenerationError(f"--samples {args.samples}: needs K >= 1, and --temperature > 0 when K > 1 "
+                              "(greedy samples would all be the same)")
     data = load_eval_data(args.data, tasks=args.tasks, limit=args.limit)
     need_bank = bool(args.experts or args.mixture or args.mixtures or args.per_task)
     student, bank, handle = load_model(args, need_bank=need_bank)
@@ -167,7 +173,7 @@ def run(args) -> int:
             types = {t: args.task_type for t in names} if args.task_type else None
             results.update(evaluate_many(student.model, student.tokenizer, {t: data[t] for t in names},
                                          task_types=types, handle=handle, gates=gates, config=config,
-                                         compat_substring=args.compat_substring,
+                                         compat_substring=args.compat_substring, samples=args.samples,
                                          progress=not args.no_progress and sys.stderr.isatty()))
         finally:
             if handle is not None and sel0.router is not None:
@@ -191,7 +197,9 @@ def run(args) -> int:
         "selection": _selection_label(args),
         "scoring": scoring,
         "generation": {"max_new_tokens": config.max_new_tokens, "stop_strings": list(config.stop_strings),
-                       "batch_size": config.batch_size, "greedy": True, "prompt_format": config.prompt_format,
+                       "batch_size": config.batch_size, "greedy": config.greedy, "temperature": config.temperature,
+                       "top_p": config.top_p, "seed": config.seed, "samples": args.samples,
+                       "prompt_format": config.prompt_format,
                        "repetition_penalty": config.repetition_penalty,
                        "stop_after_answer": config.stop_after_answer, "stop_on_loop": config.stop_on_loop},
         "tasks": {t: dict(r.summary(), seen=(t in seen) if seen is not None else None,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .answers import (ANSWER_MARKER, END_TOKEN, TASK_TYPES, answers_match, extract_answer, infer_task_type,
-                      split_output)
+                      normalize_answer, split_output)
 from .generate import GenerationConfig, GenerationError, generate_detailed
 from .inject import MixtureHandle
 
@@ -89,20 +89,48 @@ def _check_records(task: str, records: Sequence[dict]) -> None:
             raise GenerationError(f"task {task}: record {i} has an empty 'input'")
 
 
+def majority_vote(answers: Sequence[str | None], task_type: str) -> tuple[str | None, dict[str, int]]:
+    """The most frequent extracted answer (self-consistency, Wang et al. 2023) and the vote counts.
+
+    Answers are grouped by their normalized form; ``None`` (no answer) never wins while any sample
+    has one; a tie goes to the answer that appeared first.
+    """
+    counts: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for a in answers:
+        if a is None:
+            continue
+        key = normalize_answer(a, task_type)
+        counts[key] = counts.get(key, 0) + 1
+        first.setdefault(key, a)
+    if not counts:
+        return None, {}
+    best = max(counts, key=lambda k: counts[k])  # max keeps the first of equal counts (insertion order)
+    return first[best], counts
+
+
 def _score(task: str, task_type: str, records: Sequence[dict], golds: list[str], texts: list[str],
-           num_tokens: list[int], reasons: list[str], compat_substring: bool) -> TaskResult:
+           num_tokens: list[int], reasons: list[str], compat_substring: bool, samples: int = 1) -> TaskResult:
+    """Score each record; with ``samples`` > 1, ``texts`` holds that many generations per record
+    (record-major) and the majority answer is scored."""
     correct = unextracted = 0
     predictions = []
-    for i, (rec, gold, text) in enumerate(zip(records, golds, texts)):
-        pred = extract_answer(text, task_type)
+    for i, (rec, gold) in enumerate(zip(records, golds)):
+        span = slice(i * samples, (i + 1) * samples)
+        group = texts[span]
+        answers = [extract_answer(t, task_type) for t in group]
+        pred, votes = (answers[0], None) if samples == 1 else majority_vote(answers, task_type)
+        text = group[0] if pred is None else group[answers.index(pred)]  # a generation that gave the answer
         if pred is None:
             unextracted += 1
         ok = answers_match(_answer_text(text) if compat_substring else pred, gold, task_type,
                            compat_substring=compat_substring)
         correct += ok
-        predictions.append({"index": i, "input": rec["input"], "gold": gold, "prediction": pred,
-                            "generation": text, "correct": bool(ok), "num_tokens": num_tokens[i],
-                            "finish_reason": reasons[i]})
+        record = {"index": i, "input": rec["input"], "gold": gold, "prediction": pred, "generation": text,
+                  "correct": bool(ok), "num_tokens": sum(num_tokens[span]), "finish_reason": reasons[span][0]}
+        if samples > 1:
+            record.update(votes=votes, sample_answers=answers, finish_reasons=reasons[span])
+        predictions.append(record)
     return TaskResult(task, task_type, len(records), correct, unextracted, predictions)
 
 
@@ -159,6 +187,7 @@ def evaluate_many(
     config: GenerationConfig | None = None,
     compat_substring: bool = False,
     progress: bool = False,
+    samples: int = 1,
 ) -> dict[str, TaskResult]:
     """Evaluate several tasks at once, each with its own gate, in shared mixed batches.
 
@@ -172,10 +201,16 @@ def evaluate_many(
         config: decoding settings.
         compat_substring: score as the original evaluator (see the module docstring).
         progress: show a progress bar of finished requests.
+        samples: generations per record; > 1 scores the majority answer (self-consistency), and
+            needs a sampling ``config`` (temperature > 0).
 
     Returns:
         Task name -> TaskResult, in the order of ``tasks``.
     """
+    if samples < 1:
+        raise GenerationError(f"samples must be >= 1, got {samples}")
+    if samples > 1 and (config is None or config.greedy):
+        raise GenerationError("voting over samples needs sampling: set a temperature > 0")
     task_types = dict(task_types or {})
     gates = dict(gates or {})
     unknown = sorted(set(gates) - set(tasks))
@@ -189,8 +224,8 @@ def evaluate_many(
         _check_records(task, records)
         golds[task] = [gold_answer(r["output"]) for r in records]
         types[task] = _resolve_type(task, golds[task], task_types.get(task))
-        spans[task] = (len(prompts), len(prompts) + len(records))
-        prompts.extend(r["input"] for r in records)
+        spans[task] = (len(prompts), len(prompts) + len(records) * samples)
+        prompts.extend(r["input"] for r in records for _ in range(samples))
 
     gate_rows = None
     if any(g is not None for g in gates.values()):
@@ -212,7 +247,7 @@ def evaluate_many(
     for task, records in tasks.items():
         lo, hi = spans[task]
         out[task] = _score(task, types[task], records, golds[task], res.texts[lo:hi], res.num_tokens[lo:hi],
-                           res.finish_reasons[lo:hi], compat_substring)
+                           res.finish_reasons[lo:hi], compat_substring, samples)
     return out
 
 
