@@ -33,8 +33,12 @@ def layout(tmp_path):
     for sub in ("train", "learn", "dev-unseen"):
         (root / sub).mkdir(parents=True)
     for task in ("addsub", "multiarith"):
-        (root / "train" / f"{task}.json").write_text(json.dumps([_record(rng) for _ in range(14)]))
-        (root / "learn" / f"{task}.jsonl").write_text("".join(json.dumps(_record(rng)) + "\n" for _ in range(3)))
+        train = [_record(rng) for _ in range(14)]
+        for i, r in enumerate(train):
+            r["input"] = f"{i}. {r['input']}"  # distinct inputs
+        (root / "train" / f"{task}.json").write_text(json.dumps(train))
+        shots = [train[-1]] + [_record(rng) for _ in range(2)]  # one shot is also the last train record
+        (root / "learn" / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shots))
     (root / "learn" / "coin_flip.jsonl").write_text("".join(json.dumps(_coin(rng)) + "\n" for _ in range(3)))
     (root / "dev-unseen" / "coin_flip.json").write_text(json.dumps([_coin(rng, True) for _ in range(5)]))
     return root
@@ -52,12 +56,14 @@ def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_
     for system in ("base", "multitask", "experts", "search-weight", "search-output", "uniform"):
         assert f" {system} |" in header, system  # the table names every system
     assert "- command: `modecotd-engine " in report and "- device" not in report and "device: CPU" in report
-    assert "| coin_flip | no | 2 |" in report and "| addsub | yes | 2 |" in report
+    assert "| coin_flip | no | 2 |" in report and "| addsub | yes | 2 |" in report  # 3 held out, 1 is a shot
     assert (out / "report.png").stat().st_size > 0
     # held-out records are not trained on; unseen evaluation records never reach training or mixing
     held = json.loads((out / "data" / "eval" / "addsub.json").read_text())
     train = json.loads((out / "data" / "train" / "addsub.json").read_text())
     assert len(train) == 11 and not any(r in train for r in held)
+    shot = json.loads((layout / "learn" / "addsub.jsonl").read_text().splitlines()[0])
+    assert shot not in held and shot not in train  # mixing sees it: neither trained nor evaluated on
     assert not (out / "data" / "train" / "coin_flip.json").exists()
     mixture = json.loads((out / "mixtures" / "weight" / "coin_flip.json").read_text())
     assert mixture["info"]["shots"] == 3 and "finalists" in mixture["info"]

@@ -174,14 +174,21 @@ def _read_layout(root: Path, cfg: ReproduceConfig, prof: Profile) -> dict:
 
 def _prepare_data(layout: dict, prof: Profile, d: Path) -> None:
     """train/<t>.json minus its last ``heldout`` records; eval/<t>.json those records (and the unseen
-    evaluation records); multitask/multitask.json the union of the training sets."""
+    evaluation records); multitask/multitask.json the union of the training sets.
+
+    The learn/ shots of a seen task are drawn from its train/ records; a held-out record that is also
+    a shot is not evaluated (mixing sees it), and neither is it trained on.
+    """
     root = Path(layout["root"])
     union = []
     for t in layout["seen"]:
         records = read_task_file(root / "train" / f"{t}.json").records
         if len(records) <= prof.heldout:
             raise ValueError(f"task {t}: {len(records)} records, cannot hold out {prof.heldout}")
-        train, held = records[:-prof.heldout], records[-prof.heldout:]
+        shots = set()
+        if t in layout["shots"]:
+            shots = {r["input"] for r in read_task_file(layout["shots"][t], missing_marker="keep").records}
+        train, held = records[:-prof.heldout], [r for r in records[-prof.heldout:] if r["input"] not in shots]
         atomic_write_text(d / "train" / f"{t}.json", json.dumps(train, ensure_ascii=False) + "\n")
         atomic_write_text(d / "eval" / f"{t}.json", json.dumps(_limit(held, prof), ensure_ascii=False) + "\n")
         union.extend(train)
