@@ -72,4 +72,10 @@ def test_experts_cli_show_rename_export(tiny_student_dir, tmp_path, capsys):
     assert cfg["r"] == 2 and cfg["peft_type"] == "LORA"
     assert main(["experts", "remove", "--bank", str(tmp_path / "bank"), "zzz"]) == 2
     assert "unknown expert 'zzz'" in capsys.readouterr().err
+    # the exported mixture comes back in as a third expert, then the first one is removed
+    assert main(["experts", "import-peft", "--bank", str(tmp_path / "bank"), "--adapter", str(tmp_path / "peft"),
+                 "--name", "merged"]) == 0
+    assert ExpertBank.load(tmp_path / "bank").names == ["a", "bee", "merged"]
+    assert main(["experts", "remove", "--bank", str(tmp_path / "bank"), "a"]) == 0
+    assert ExpertBank.load(tmp_path / "bank").names == ["bee", "merged"]
     assert torch.is_tensor(ExpertBank.load(tmp_path / "bank").lora_a[next(iter(bank.modules))])

@@ -269,3 +269,46 @@ def test_eval_samples_vote(eval_setup):
         bad = _parse(["eval", "--student", str(student), "--data", str(root / "data"), "--samples", "3",
                       "--out", str(root / "o")])
         bad.func(bad)
+
+
+@pytest.mark.parametrize("how", ["experts", "mixture"])
+def test_eval_command_same_selection_for_every_task(eval_setup, how):
+    """--experts SPEC and --mixture FILE serve every task with that gate; --limit cuts each task."""
+    root, student = eval_setup
+    out = root / f"out_{how}"
+    sel = (["--experts", "word_math=0.8,coin_flips=-0.5", "--mode", "weight"] if how == "experts"
+           else ["--mixture", str(root / "mixtures" / "price_math.json")])
+    args = _parse(["eval", "--student", str(student), "--bank", str(root / "bank"), "--data", str(root / "data"),
+                   *sel, "--limit", "2", "--max-new-tokens", "6", "--dtype", "float32", "--out", str(out),
+                   "--no-progress"])
+    assert args.func(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {t: r["n"] for t, r in summary["tasks"].items()} == {"price_math": 1, "word_math": 2}
+    assert {r["mode"] for r in summary["tasks"].values()} == {"weight"}
+    # the same predictions as the gate given by hand: a mixture file and its inline spec agree
+    other = root / ("out_mixture" if how == "experts" else "out_experts")
+    if other.exists():
+        for t in ("word_math", "price_math"):
+            assert (out / "predictions" / f"{t}.jsonl").read_text() == (other / "predictions" / f"{t}.jsonl").read_text()
+
+
+def test_eval_command_compat_substring_scores_leniently(eval_setup, monkeypatch):
+    """The original evaluator's rule through the command: gold '7' counts inside '17'."""
+    root, student = eval_setup
+    from modecotd_engine.engine import evaluate as ev
+    from modecotd_engine.engine.generate import GenerationResult
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        return GenerationResult(["-->\n\n17 END"] * len(prompts), [3] * len(prompts), ["stop"] * len(prompts),
+                                [0.0] * len(prompts), 0.0)
+
+    monkeypatch.setattr(ev, "generate_detailed", fake_generate)
+    results = {}
+    for flag in ([], ["--compat-substring"]):
+        out = root / f"out_compat{len(flag)}"
+        args = _parse(["eval", "--student", str(student), "--data", str(root / "data"), "--tasks", "price_math",
+                       "--out", str(out), "--no-progress", *flag])
+        assert args.func(args) == 0
+        results[bool(flag)] = json.loads((out / "summary.json").read_text())
+    assert results[False]["tasks"]["price_math"]["correct"] == 0 and results[False]["scoring"] == "exact"
+    assert results[True]["tasks"]["price_math"]["correct"] == 1
