@@ -312,3 +312,16 @@ def test_eval_command_compat_substring_scores_leniently(eval_setup, monkeypatch)
         results[bool(flag)] = json.loads((out / "summary.json").read_text())
     assert results[False]["tasks"]["price_math"]["correct"] == 0 and results[False]["scoring"] == "exact"
     assert results[True]["tasks"]["price_math"]["correct"] == 1
+
+
+def test_eval_loop_bench_smoke(eval_setup, tmp_path):
+    """`bench eval` on the tiny student: both loops run the same function and, greedy in float32,
+    write the same predictions."""
+    from modecotd_engine.bench.evalloop import run_eval_bench
+
+    root, student = eval_setup
+    rep = run_eval_bench(tmp_path / "b", bank=str(root / "bank"), data=str(root / "data"), limit=3,
+                         max_new_tokens=8, batch_size=2, student=str(student), dtype="float32")
+    assert rep["same_predictions"] is True and rep["records"] == 4
+    assert set(rep["runs"]) == {"fixed batches (drain)", "continuous batching"}
+    assert "speed-up" in (tmp_path / "b" / "eval-loop.md").read_text()

@@ -503,3 +503,29 @@ def test_chat_prompt_format(base_model, tokenizer):
     chat = generate(base_model, tok, PROMPTS[:2], config=GenerationConfig(max_new_tokens=6, prompt_format="chat"))
     plain = generate(base_model, tok, [f"[{p}]>" for p in PROMPTS[:2]], config=GenerationConfig(max_new_tokens=6))
     assert chat == plain
+
+
+# ------------------------------------------------------------------------------ continuous batching
+
+
+def test_requests_join_the_running_batch_and_compute_what_they_compute_alone(tmp_path, tokenizer):
+    """Seven requests of different lengths through 3 slots: the context caps each request's budget by
+    its prompt length, so rows finish at different steps and waiting requests join rows still decoding.
+    Every request's tokens are those it gets alone (float32, greedy), gate rows included."""
+    d = make_tiny_student(tmp_path / "short", seed=1, initializer_range=0.2, max_position_embeddings=40)
+    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    bank = random_bank(model)
+    handle = inject_experts(model, bank)
+    prompts = [("x" * n) + "?" for n in (3, 25, 9, 14, 30, 5, 19)]
+    gates = torch.randn(len(prompts), 3, generator=torch.Generator().manual_seed(0))
+    cfg = GenerationConfig(max_new_tokens=40, stop_strings=(), batch_size=3, ignore_eos=True)
+    res = generate_detailed(model, tokenizer, prompts, handle=handle, gates=gates, config=cfg)
+    one = GenerationConfig(max_new_tokens=40, stop_strings=(), batch_size=1, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        alone = generate_detailed(model, tokenizer, [p], handle=handle, gates=gates[i:i + 1], config=one)
+        assert res.token_ids[i] == alone.token_ids[0], f"request {i}"
+    assert res.num_tokens == [40 - len(tokenizer(p)["input_ids"]) for p in prompts]
+    joins = res.extra["admissions"]
+    assert sum(a["joined"] for a in joins) == len(prompts)
+    assert any(a["running"] > 0 for a in joins)  # some requests joined rows that were still decoding
+    assert max(a["joined"] + a["running"] for a in joins) <= 3

@@ -39,6 +39,17 @@ def register(subparsers) -> None:
                    help="student dtype of every provider (auto: as `infer`: bf16 on CUDA and on CPUs with native bf16)")
     i.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's setting; 1 gives steadier figures on a shared CPU)")
+    e = sub.add_parser("eval", help="evaluation with continuous batching vs fixed batches that drain (tokens/s)")
+    e.add_argument("--out", default="docs/bench/eval-loop", help="report directory")
+    e.add_argument("--bank", required=True, help="expert bank; each task is served by its expert (by name) if any")
+    e.add_argument("--data", required=True, help="evaluation file or directory (as `eval --data`)")
+    e.add_argument("--tasks", default="", help="comma-separated subset of the tasks (default: all)")
+    e.add_argument("--limit", type=int, default=30, help="records per task (default 30)")
+    e.add_argument("--max-new-tokens", type=int, default=160, help="generated tokens per record at most (default 160)")
+    e.add_argument("--batch-size", type=int, default=32, help="rows decoding together at most (default 32)")
+    e.add_argument("--student", default=None, help="student directory (default: the built-in student)")
+    e.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="student dtype (auto: as `eval`: bf16 on CUDA and on CPUs with native bf16)")
     p.set_defaults(func=run)
 
 
@@ -61,5 +72,11 @@ def run(args: argparse.Namespace) -> int:
         from ..bench.infer import run_infer_bench
 
         run_infer_bench(out, student=args.student, quick=args.quick, dtype=args.dtype, threads=args.threads)
+    elif args.suite == "eval":
+        from ..bench.evalloop import run_eval_bench
+
+        run_eval_bench(out, bank=args.bank, data=args.data, tasks=args.tasks, limit=args.limit,
+                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, student=args.student,
+                       dtype=args.dtype)
     print(f"report written under {out}")
     return 0

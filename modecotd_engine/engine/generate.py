@@ -45,6 +45,11 @@ FINISH_REASONS = ("stop", "eos", "length", "answer", "loop")
 # has entered a cycle greedy decoding never leaves ("-->\n\n-->", "1. 1. 1."): it ends there.
 LOOP_REPEATS = 4
 LOOP_MAX_PERIOD = 16
+# The answer line is looked for in a tail of this many tokens (marker, blank lines, answer).
+ANSWER_WINDOW = 48
+# Waiting requests join the running batch once this fraction of its slots is free (or at once when it
+# is empty): one prefill per few finished rows, not one per row.
+ADMIT_FRACTION = 0.25
 # Extra tokens decoded in front of a stop string's maximal token span when looking for it: a window
 # may start inside a multi-byte character (decoded as U+FFFD) or lose a leading space to the
 # tokenizer's clean-up, and that slack keeps both away from the stop string itself.
@@ -91,6 +96,9 @@ class GenerationConfig:
         stop_after_answer: end a request once the answer line after its last ``-->`` marker is
             complete (a non-empty line followed by a line break), even without ``END``.
         stop_on_loop: end a request whose tail is one short piece repeated (see LOOP_REPEATS).
+        continuous: waiting requests join the running batch as rows finish (continuous batching);
+            False runs the requests in fixed batches that drain (the next starts when all of one
+            have finished), kept for comparison.
     """
 
     max_new_tokens: int = 128
@@ -104,6 +112,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     stop_after_answer: bool = False
     stop_on_loop: bool = False
+    continuous: bool = True
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -143,6 +152,10 @@ class GenerationResult:
         seconds: wall time of the whole call.
         token_ids: the generated token ids per request (EOS not included; with a stop string, every
             token up to the one that completed it).
+        batches: prefills (groups of requests that joined the running batch together).
+        forward_calls: model forwards, prefill and decode.
+        extra: ``admissions``, one record per prefill: ``forward_calls`` before it, requests
+            ``joined``, rows ``running`` already.
     """
 
     texts: list[str]
@@ -407,11 +420,8 @@ def generate_detailed(
     model.eval()
     previous_gates = handle.state.gates if handle is not None else None
     try:
-        for start in range(0, n, config.batch_size):
-            rows = order[start : start + config.batch_size]
-            _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen, device, eos, pad,
-                       result, t0, stream, bar)
-            result.batches += 1
+        _Decoder(model, tokenizer, ids, budgets, gates, handle, config, gen, device, eos, pad, result, t0, stream,
+                 bar).run(order)
     finally:
         if handle is not None:
             handle.state.gates = previous_gates
@@ -550,114 +560,204 @@ def answer_complete(text: str) -> bool:
     return "\n" in after and bool(after.split("\n", 1)[0].strip())
 
 
-def _run_batch(model, tokenizer, rows, ids, budgets, gates, handle, config, gen, device, eos, pad,
-               result: GenerationResult, t0: float, stream, bar) -> None:
-    """Prefill one batch (rows sorted by decreasing prompt length), then decode until every request
-    in it has finished."""
-    g = None
-    if handle is not None and gates is not None:
-        g = gates[torch.tensor(rows)].to(device)  # (b, E)
-    cache, first_logits, mask, last_pos = _prefill(model, rows, ids, g, handle, pad, device, result)
-    if handle is not None:
-        handle.set_gates(g)
+@dataclass
+class _Running:
+    """The requests decoding together, one row each, every tensor in row order."""
 
-    eos_index = torch.tensor(sorted(eos), device=device) if eos else None
-    if config.ignore_eos:
-        eos = set()
-    stops = config.stop_strings
-    window = (max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK) if stops else 0
-    live = list(rows)  # request index of each row of the current (shrinking) batch
-    tokens: dict[int, list[int]] = {r: [] for r in rows}
-    penalty = float(config.repetition_penalty)
-    seen = torch.zeros(first_logits.shape, dtype=torch.bool, device=device) if penalty > 1.0 else None  # (b, V)
-    # The answer line is looked for in a tail of this many tokens (marker, blank lines, answer).
-    answer_window = 48
-    cache_arg = {_cache_kwarg(model): cache}
-    emitted = 0  # characters already streamed
-    first = True
-    logits = first_logits
-    while True:
-        if config.ignore_eos and eos_index is not None:
-            logits = logits.index_fill(-1, eos_index, float("-inf"))
-        if seen is not None:
-            logits = _penalise_repeats(logits, seen, penalty)
-        nxt = _next_tokens(logits, config, gen)  # (b,)
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
+    rows: list[int]  # request index of each row
+    cache: object  # DynamicCache over the rows
+    mask: torch.Tensor  # (b, W) 1 where a key/value slot holds a real token
+    last_pos: torch.Tensor  # (b,) position of each row's last token
+    logits: torch.Tensor  # (b, V) logits of each row's next token
+    g: torch.Tensor | None  # (b, E) gate rows
+    seen: torch.Tensor | None  # (b, V) tokens each row generated (repetition penalty)
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    extra = width - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [extra, 0]
+    return torch.nn.functional.pad(x, pad)
+
+
+def _merge(a: _Running, b: _Running) -> _Running:
+    """One running batch from two: both left-padded to the wider cache, then stacked. Padded slots
+    are masked, so each row computes what it computes alone."""
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for la, lb in zip(a.cache.layers, b.cache.layers):  # (b, H, W, D) each, stacked into a's cache
+        la.keys = torch.cat([_pad_left(la.keys, width, -2), _pad_left(lb.keys, width, -2)])
+        la.values = torch.cat([_pad_left(la.values, width, -2), _pad_left(lb.values, width, -2)])
+    cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
+    return _Running(a.rows + b.rows, a.cache, torch.cat([_pad_left(a.mask, width, 1), _pad_left(b.mask, width, 1)]),
+                    torch.cat([a.last_pos, b.last_pos]), torch.cat([a.logits, b.logits]), cat(a.g, b.g),
+                    cat(a.seen, b.seen))
+
+
+def _keep(run: _Running, keep: list[int]) -> _Running:
+    """The rows at positions ``keep``; key/value columns no remaining row uses are cut from the left."""
+    sel = torch.tensor(keep, device=run.mask.device)
+    run.cache.reorder_cache(sel)  # drop finished rows from every layer's keys and values
+    mask = run.mask[sel]
+    used = mask.any(0).nonzero()
+    cut = int(used[0]) if used.numel() else 0
+    if cut:
+        for layer in run.cache.layers:
+            layer.keys, layer.values = layer.keys[..., cut:, :], layer.values[..., cut:, :]
+        mask = mask[:, cut:]
+    pick = lambda x: None if x is None else x[sel]  # noqa: E731
+    return _Running([run.rows[j] for j in keep], run.cache, mask, run.last_pos[sel], run.logits[sel],
+                    pick(run.g), pick(run.seen))
+
+
+class _Decoder:
+    """Continuous batching over one call's requests: a running batch of at most ``batch_size`` rows
+    decodes one token per forward; finished rows leave at once, and waiting requests are prefilled
+    and join the running batch (their KV rows and gate rows stacked onto it) as soon as
+    ``ADMIT_FRACTION`` of the slots are free, so the batch stays full instead of draining.
+
+    Phases: :meth:`admit` (prefill and join), :meth:`pick` (sample, decide who finished),
+    :meth:`retire` (record finished requests, drop their rows), :meth:`forward` (one token each).
+    """
+
+    def __init__(self, model, tokenizer, ids, budgets, gates, handle, config, gen, device, eos, pad, result,
+                 t0, stream, bar):
+        self.model, self.tokenizer, self.ids, self.budgets = model, tokenizer, ids, budgets
+        self.gates, self.handle, self.config, self.gen = gates, handle, config, gen
+        self.device, self.pad, self.result, self.t0, self.stream, self.bar = device, pad, result, t0, stream, bar
+        self.eos = set() if config.ignore_eos else eos
+        self.eos_index = torch.tensor(sorted(eos), device=device) if (eos and config.ignore_eos) else None
+        stops = config.stop_strings
+        self.stops = stops
+        self.window = (max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK) if stops else 0
+        self.penalty = float(config.repetition_penalty)
+        self.tokens: dict[int, list[int]] = {}
+        self.emitted = 0  # characters already streamed
+        # Rows can join a running batch only where per-request caches stack (no sliding window).
+        self.mergeable = config.continuous and _plain_dynamic_cache(model)
+        self.cache_arg = _cache_kwarg(model)
+
+    def run(self, order: list[int]) -> None:
+        queue, run = list(order), None
+        while queue or run is not None:
+            free = self.config.batch_size - (len(run.rows) if run else 0)
+            if queue and (run is None or (self.mergeable and free >= max(1, int(ADMIT_FRACTION * self.config.batch_size)))):
+                run = self.admit(run, queue[:free])
+                del queue[:free]
+            nxt, finished = self.pick(run)
+            run = self.retire(run, nxt, finished)
+            if run is not None:
+                self.forward(run)
+
+    def admit(self, run: _Running | None, rows: list[int]) -> _Running:
+        """Prefill ``rows`` (sorted by decreasing prompt length) and add them to the running batch."""
+        rows = sorted(rows, key=lambda r: -len(self.ids[r]))
+        g = None
+        if self.handle is not None and self.gates is not None:
+            g = self.gates[torch.tensor(rows)].to(self.device)  # (b, E)
+        cache, logits, mask, last_pos = _prefill(self.model, rows, self.ids, g, self.handle, self.pad, self.device,
+                                                 self.result)
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device) if self.penalty > 1.0 else None
+        new = _Running(list(rows), cache, mask, last_pos, logits, g, seen)
+        for r in rows:
+            self.tokens[r] = []
+        self.result.batches += 1
+        # step record: after how many forwards these requests joined, and how many rows were running
+        self.result.extra.setdefault("admissions", []).append(
+            {"forward_calls": self.result.forward_calls, "joined": len(rows), "running": len(run.rows) if run else 0})
+        return new if run is None else _merge(run, new)
+
+    def pick(self, run: _Running) -> tuple[torch.Tensor, dict[int, str]]:
+        """Next token of every row and the requests that end with it (and why)."""
+        logits = run.logits
+        if self.eos_index is not None:
+            logits = logits.index_fill(-1, self.eos_index, float("-inf"))
+        if run.seen is not None:
+            logits = _penalise_repeats(logits, run.seen, self.penalty)
+        nxt = _next_tokens(logits, self.config, self.gen)  # (b,)
+        if run.seen is not None:
+            run.seen.scatter_(1, nxt[:, None], True)
         picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
-        if first:
-            now = time.perf_counter() - t0
-            for r in live:
-                result.first_token_s[r] = now
-            first = False
+        now = time.perf_counter() - self.t0
         finished: dict[int, str] = {}
-        for r, t in zip(live, picked):
-            if t in eos:
+        for r, t in zip(run.rows, picked):
+            toks = self.tokens[r]
+            if not toks and r not in finished:
+                self.result.first_token_s[r] = now
+            if t in self.eos:
                 finished[r] = "eos"
                 continue
-            tokens[r].append(t)
-            if len(tokens[r]) >= budgets[r]:
+            toks.append(t)
+            if len(toks) >= self.budgets[r]:
                 finished[r] = "length"
-        if stops:
-            check = [r for r, t in zip(live, picked) if t not in eos]
+        live = [r for r, t in zip(run.rows, picked) if t not in self.eos]
+        if self.stops and live:
+            tails = self.tokenizer.batch_decode([self.tokens[r][-self.window:] for r in live], skip_special_tokens=True)
+            for r, tail in zip(live, tails):
+                if any(s in tail for s in self.stops):
+                    finished[r] = "stop"
+        if self.config.stop_after_answer:
+            check = [r for r in live if r not in finished]
             if check:
-                tails = tokenizer.batch_decode([tokens[r][-window:] for r in check], skip_special_tokens=True)
-                for r, tail in zip(check, tails):
-                    if any(s in tail for s in stops):
-                        finished[r] = "stop"
-        if config.stop_after_answer:
-            check = [r for r, t in zip(live, picked) if r not in finished and t not in eos and tokens[r]]
-            if check:
-                tails = tokenizer.batch_decode([tokens[r][-answer_window:] for r in check], skip_special_tokens=True)
+                tails = self.tokenizer.batch_decode([self.tokens[r][-ANSWER_WINDOW:] for r in check],
+                                                    skip_special_tokens=True)
                 for r, tail in zip(check, tails):
                     if answer_complete(tail):
                         finished[r] = "answer"
-        if config.stop_on_loop:
+        if self.config.stop_on_loop:
             for r in live:
-                if r not in finished and is_looping(tokens[r]):
+                if r not in finished and is_looping(self.tokens[r]):
                     finished[r] = "loop"
+        return nxt, finished
+
+    def retire(self, run: _Running, nxt: torch.Tensor, finished: dict[int, str]) -> _Running | None:
+        """Record the finished requests' texts; keep the others' rows, with ``nxt`` as their input."""
+        result = self.result
         for r, why in finished.items():
-            text = tokenizer.decode(tokens[r], skip_special_tokens=True)
+            toks = self.tokens[r]
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
             if why == "stop":
-                cut = _stop_cut(text, stops)
+                cut = _stop_cut(text, self.stops)
                 text = text if cut is None else text[:cut]
-            result.texts[r], result.num_tokens[r], result.finish_reasons[r] = text, len(tokens[r]), why
-            result.token_ids[r] = tokens[r]
-        if stream is not None:
-            r = live[0]
-            if r in finished:
-                text = result.texts[r]
-            else:
-                text = tokenizer.decode(tokens[r], skip_special_tokens=True)
-                # Hold back a half-decoded multi-byte character, and any tail that could still grow
-                # into a stop string, so that nothing streamed is later cut away.
-                text = text.rstrip("\ufffd")
-                hold = max((len(s) - 1 for s in stops), default=0)
-                text = text[: max(emitted, len(text) - hold)] if hold else text
-            if len(text) > emitted:
-                stream(text[emitted:])
-                emitted = len(text)
-        if bar is not None and finished:
-            bar.update(len(finished))
-        if len(finished) == len(live):
-            return
-        if finished:
-            keep = [j for j, r in enumerate(live) if r not in finished]
-            sel = torch.tensor(keep, device=device)
-            cache.reorder_cache(sel)  # drop finished rows from every layer's keys and values
-            mask, last_pos, nxt = mask[sel], last_pos[sel], nxt[sel]
-            if seen is not None:
-                seen = seen[sel]
-            live = [live[j] for j in keep]
-            if g is not None:
-                g = g[sel]
-                handle.set_gates(g)
-        mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
-        last_pos = last_pos + 1
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    use_cache=True, **cache_arg)
-        result.forward_calls += 1
-        logits = out.logits[:, -1, :]
+            result.texts[r], result.num_tokens[r], result.finish_reasons[r] = text, len(toks), why
+            result.token_ids[r] = toks
+        if self.stream is not None:
+            self._stream(run.rows[0], finished)
+        if self.bar is not None and finished:
+            self.bar.update(len(finished))
+        self._next = nxt
+        if not finished:
+            return run
+        keep = [j for j, r in enumerate(run.rows) if r not in finished]
+        if not keep:
+            return None
+        self._next = nxt[torch.tensor(keep, device=nxt.device)]
+        return _keep(run, keep)
+
+    def forward(self, run: _Running) -> None:
+        """Feed every row its token; ``run.logits`` becomes the logits of the token after it."""
+        if self.handle is not None:
+            self.handle.set_gates(run.g)
+        run.mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], dim=1)
+        run.last_pos = run.last_pos + 1
+        out = self.model(input_ids=self._next[:, None], attention_mask=run.mask, position_ids=run.last_pos[:, None],
+                         use_cache=True, **{self.cache_arg: run.cache})
+        self.result.forward_calls += 1
+        run.logits = out.logits[:, -1, :]
+
+    def _stream(self, r: int, finished: dict[int, str]) -> None:
+        if r in finished:
+            text = self.result.texts[r]
+        else:
+            text = self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
+            # Hold back a half-decoded multi-byte character, and any tail that could still grow
+            # into a stop string, so that nothing streamed is later cut away.
+            text = text.rstrip("\ufffd")
+            hold = max((len(s) - 1 for s in self.stops), default=0)
+            text = text[: max(self.emitted, len(text) - hold)] if hold else text
+        if len(text) > self.emitted:
+            self.stream(text[self.emitted:])
+            self.emitted = len(text)
 
 
 __all__ = [
