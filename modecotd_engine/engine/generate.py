@@ -645,9 +645,9 @@ class _Decoder:
                 run = self.admit(run, queue[:free])
                 del queue[:free]
             nxt, finished = self.pick(run)
-            run = self.retire(run, nxt, finished)
+            run, nxt = self.retire(run, nxt, finished)
             if run is not None:
-                self.forward(run)
+                self.forward(run, nxt)
 
     def admit(self, run: _Running | None, rows: list[int]) -> _Running:
         """Prefill ``rows`` (sorted by decreasing prompt length) and add them to the running batch."""
@@ -682,7 +682,7 @@ class _Decoder:
         finished: dict[int, str] = {}
         for r, t in zip(run.rows, picked):
             toks = self.tokens[r]
-            if not toks and r not in finished:
+            if not toks:  # this row's first token
                 self.result.first_token_s[r] = now
             if t in self.eos:
                 finished[r] = "eos"
@@ -710,8 +710,9 @@ class _Decoder:
                     finished[r] = "loop"
         return nxt, finished
 
-    def retire(self, run: _Running, nxt: torch.Tensor, finished: dict[int, str]) -> _Running | None:
-        """Record the finished requests' texts; keep the others' rows, with ``nxt`` as their input."""
+    def retire(self, run: _Running, nxt: torch.Tensor,
+               finished: dict[int, str]) -> tuple[_Running | None, torch.Tensor | None]:
+        """Record the finished requests' texts; the others' rows and their tokens ``nxt`` go on."""
         result = self.result
         for r, why in finished.items():
             toks = self.tokens[r]
@@ -725,22 +726,20 @@ class _Decoder:
             self._stream(run.rows[0], finished)
         if self.bar is not None and finished:
             self.bar.update(len(finished))
-        self._next = nxt
         if not finished:
-            return run
+            return run, nxt
         keep = [j for j, r in enumerate(run.rows) if r not in finished]
         if not keep:
-            return None
-        self._next = nxt[torch.tensor(keep, device=nxt.device)]
-        return _keep(run, keep)
+            return None, None
+        return _keep(run, keep), nxt[torch.tensor(keep, device=nxt.device)]
 
-    def forward(self, run: _Running) -> None:
+    def forward(self, run: _Running, nxt: torch.Tensor) -> None:
         """Feed every row its token; ``run.logits`` becomes the logits of the token after it."""
         if self.handle is not None:
             self.handle.set_gates(run.g)
         run.mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], dim=1)
         run.last_pos = run.last_pos + 1
-        out = self.model(input_ids=self._next[:, None], attention_mask=run.mask, position_ids=run.last_pos[:, None],
+        out = self.model(input_ids=nxt[:, None], attention_mask=run.mask, position_ids=run.last_pos[:, None],
                          use_cache=True, **{self.cache_arg: run.cache})
         self.result.forward_calls += 1
         run.logits = out.logits[:, -1, :]
