@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +24,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from .atomic import atomic_write_text, sha256_file
+from .atomic import atomic_save_tensors, atomic_write_text, sha256_file
 from .data import EXPERT_NAME_RE, PROMPT_FORMATS
 
 FORMAT = "modecotd-expert-bank"
@@ -77,14 +76,6 @@ def find_target_modules(model: nn.Module, targets: Sequence[str]) -> dict[str, n
     if not found:
         raise ExpertBankError(f"no nn.Linear module matches the targets {list(targets)}")
     return dict(sorted(found.items()))
-
-
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -239,7 +230,7 @@ class ExpertBank:
         for m in self.modules:
             tensors[f"{m}.lora_a"] = self.lora_a[m]
             tensors[f"{m}.lora_b"] = self.lora_b[m]
-        _atomic_save_tensors(tensors, d / BANK_TENSORS, metadata={"format": FORMAT})
+        atomic_save_tensors(d / BANK_TENSORS, tensors, metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -421,7 +412,7 @@ class ExpertBank:
         }
         d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors(tensors, d / PEFT_WEIGHTS, metadata={"format": "pt"})
+        atomic_save_tensors(d / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
         atomic_write_text(d / PEFT_CONFIG, json.dumps(cfg, indent=2) + "\n")
         return d
 

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from .atomic import atomic_write_text, sha256_file
+from .atomic import atomic_save_tensors, atomic_write_text, sha256_file
 from .experts import BANK_JSON, ExpertBank
 
 FORMAT = "modecotd-mixture"
@@ -129,12 +128,8 @@ def save_mixture(m: Mixture, path: str | Path) -> Path:
         if not state:
             raise MixtureError("a router mixture needs at least one router tensor")
         rpath = router_path_for(path)
-        tmp = rpath.with_name(rpath.name + ".tmp")
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(tmp),
-                  metadata={"format": FORMAT + "-router", "top_k": str(m.top_k)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, rpath)
+        atomic_save_tensors(rpath, {k: v.float() for k, v in state.items()},
+                            metadata={"format": FORMAT + "-router", "top_k": str(m.top_k)})
         router_rel, router_sha = rpath.name, sha256_file(rpath)
         m.router = rpath
     meta = {
