@@ -529,3 +529,16 @@ def test_requests_join_the_running_batch_and_compute_what_they_compute_alone(tmp
     assert sum(a["joined"] for a in joins) == len(prompts)
     assert any(a["running"] > 0 for a in joins)  # some requests joined rows that were still decoding
     assert max(a["joined"] + a["running"] for a in joins) <= 3
+
+
+def test_repeated_prompts_share_one_prefill(injected, tokenizer):
+    """n samples of one question: one prefill row each for the distinct (prompt, gate) pairs; greedy
+    copies of a request equal the request alone."""
+    model, handle = injected
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 2
+    gates = torch.stack([GATES[0]] * 3 + [GATES[1], GATES[2]])  # the 4th and 5th differ by gate
+    res = generate_detailed(model, tokenizer, prompts, handle=handle, gates=gates, config=NO_STOP)
+    assert [a["prefilled"] for a in res.extra["admissions"]] == [3]  # 3 distinct (prompt, gate) pairs
+    alone = [generate(model, tokenizer, [p], handle=handle, gates=gates[i:i + 1], config=NO_STOP)[0]
+             for i, p in enumerate(prompts)]
+    assert res.texts == alone

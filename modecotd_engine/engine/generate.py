@@ -155,7 +155,7 @@ class GenerationResult:
         batches: prefills (groups of requests that joined the running batch together).
         forward_calls: model forwards, prefill and decode.
         extra: ``admissions``, one record per prefill: ``forward_calls`` before it, requests
-            ``joined``, rows ``running`` already.
+            ``joined``, distinct prompts ``prefilled`` for them, rows ``running`` already.
     """
 
     texts: list[str]
@@ -655,8 +655,21 @@ class _Decoder:
         g = None
         if self.handle is not None and self.gates is not None:
             g = self.gates[torch.tensor(rows)].to(self.device)  # (b, E)
-        cache, logits, mask, last_pos = _prefill(self.model, rows, self.ids, g, self.handle, self.pad, self.device,
-                                                 self.result)
+        # Requests with the same prompt and gate (n samples of one question) share one prefill: the
+        # distinct ones run, then their cache rows, logits and positions are repeated per request.
+        keys = [(tuple(self.ids[r]), None if g is None else tuple(g[j].tolist())) for j, r in enumerate(rows)]
+        first = {}
+        for j, k in enumerate(keys):
+            first.setdefault(k, j)
+        distinct = sorted(first.values())
+        where = {k: distinct.index(j) for k, j in first.items()}
+        cache, logits, mask, last_pos = _prefill(self.model, [rows[j] for j in distinct], self.ids,
+                                                 None if g is None else g[distinct], self.handle, self.pad,
+                                                 self.device, self.result)
+        if len(distinct) < len(rows):
+            idx = torch.tensor([where[k] for k in keys], device=self.device)
+            cache.reorder_cache(idx)  # index_select on the batch axis: repeated rows are copies
+            logits, mask, last_pos = logits[idx], mask[idx], last_pos[idx]
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device) if self.penalty > 1.0 else None
         new = _Running(list(rows), cache, mask, last_pos, logits, g, seen)
         for r in rows:
@@ -664,7 +677,8 @@ class _Decoder:
         self.result.batches += 1
         # step record: after how many forwards these requests joined, and how many rows were running
         self.result.extra.setdefault("admissions", []).append(
-            {"forward_calls": self.result.forward_calls, "joined": len(rows), "running": len(run.rows) if run else 0})
+            {"forward_calls": self.result.forward_calls, "joined": len(rows), "prefilled": len(distinct),
+             "running": len(run.rows) if run else 0})
         return new if run is None else _merge(run, new)
 
     def pick(self, run: _Running) -> tuple[torch.Tensor, dict[int, str]]:
