@@ -99,6 +99,17 @@ def test_method_finds_the_expert_that_wrote_the_shots(student, mode, method, ban
     assert len(m.info["trace"]) == 40 and all(-3 <= x <= 3 for x in m.weights.values())
 
 
+def test_probing_starts_the_search_at_the_best_single_expert(student):
+    """Shots written by expert "b": probing finds e_b before the search starts, so the search starts
+    there and ends no worse than it."""
+    bank = make_bank(student.model)
+    shots = expert_written_shots(student, bank, "weight")
+    m = mix(bank, student, shots, method="search", mode="weight", budget=6, seed=0)
+    probed = m.info["probed"]
+    assert min(probed, key=probed.get) == "b" and m.info["start"] == [0.0, 1.0, 0.0]
+    assert m.info["objective_after"] <= probed["b"]
+
+
 def test_search_is_reproducible(student):
     bank = make_bank(student.model)
     shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)
@@ -131,7 +142,8 @@ def test_gradient_through_dg_equals_finite_differences(student, mode):
     assert grad.abs().max() > 0.05  # not a vacuous comparison
 
 
-def test_one_forward_per_candidate_and_no_weight_writes(student):
+@pytest.mark.parametrize("probe", [False, True])
+def test_one_forward_per_candidate_and_no_weight_writes(student, probe):
     bank = make_bank(student.model)
     shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)
     model = student.model
@@ -151,14 +163,16 @@ def test_one_forward_per_candidate_and_no_weight_writes(student):
 
     torch.nn.Module.load_state_dict = spy
     try:
-        m = mix(bank, student, shots, method="search", budget=25, seed=0)
+        m = mix(bank, student, shots, method="search", budget=25, seed=0, probe_experts=probe)
     finally:
         torch.nn.Module.load_state_dict = original
         h1.remove()
         h2.remove()
     # every evaluation is one decoder forward over the (single) shots batch, nothing else runs
     assert calls == {"decoder": m.evaluations, "lm": 0, "load_state_dict": 0}
-    assert m.evaluations <= 25 + 1  # w = 0 first, then the asked candidates (repeats are cached)
+    # w = 0 first, each expert alone when probing, then the asked candidates (repeats are cached)
+    assert m.evaluations <= 25 + 1 + (bank.num_experts if probe else 0)
+    assert ("probed" in m.info and len(m.info["probed"]) == 3) if probe else not m.info["probed"]
     assert {n: t._version for n, t in [*model.named_parameters(), *model.named_buffers()]} == versions
     assert {m_: (bank.lora_a[m_]._version, bank.lora_b[m_]._version) for m_ in bank.modules} == bank_versions
     assert not any(isinstance(x, MixtureLinear) for x in model.modules())
@@ -323,7 +337,7 @@ def test_cli_mix_and_peft_export_match_our_logits(cli_setup, sharp_dir, tmp_path
     assert rc == 0, printed
     assert "before" in printed and "after" in printed and "wrote" in printed
     m = load_mixture(out)
-    assert m.mode == mode and m.target == "letters" and m.evaluations <= 13
+    assert m.mode == mode and m.target == "letters" and m.evaluations <= 12 + 1 + 3  # budget, w = 0, 3 probes
     assert m.bank["tensors_sha256"] == json.loads((bank_dir / "experts.json").read_text())["tensors_sha256"]
     for name, w in m.weights.items():
         assert f"{w:+.4f}" in printed and name in printed

@@ -46,6 +46,9 @@ def register(subparsers) -> None:
                    "and uniform) and w = 0 (the frozen student) each answer the shots greedily; the one with the most "
                    "correct answers is kept (ties: more answers, then lower objective). 0: the shots loss alone "
                    "decides (default: 4)")
+    p.add_argument("--no-probe", action="store_true",
+                   help="search: start at w = 0 as the paper does, without first evaluating each expert alone (by "
+                   "default the search starts from the best of w = 0 and the single experts, E extra forward passes)")
     p.add_argument("--verify-max-new-tokens", type=int, default=256,
                    help="token budget of each shot's answer in that check (default: 256)")
     p.add_argument("--out", required=True, help="mixture JSON file to write")
@@ -94,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"router data: {', '.join(f'{t} ({len(r)})' for t, r in router_data.items())}")
     m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
             target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
-            bank_dir=args.bank, finalists=args.finalists, verify_config=GenerationConfig(
+            bank_dir=args.bank, finalists=args.finalists, probe_experts=not args.no_probe,
+            verify_config=GenerationConfig(
                 max_new_tokens=args.verify_max_new_tokens, prompt_format=bank.prompt_format,
                 stop_after_answer=True, stop_on_loop=True))
     info = m.info
