@@ -450,12 +450,31 @@ def test_pick_by_generation_keeps_the_candidate_that_answers(student):
     assert records[0]["correct"] < len(shots) and records[1]["correct"] < len(shots)
 
 
+def test_pick_by_generation_keeps_the_student_on_a_tie(student):
+    """When no candidate answers more shots (or more correctly) than w = 0, the student stays."""
+    from modecotd_engine.engine.generate import GenerationConfig
+    from modecotd_engine.engine.mix import pick_by_generation
+
+    bank = make_bank(student.model)
+    handle = inject_experts(student.model, bank, mode="weight")
+    shots = [{"input": f"Q: item {i}?\nA:", "output": "-->\nzzzz-not-generated END"} for i in range(3)]
+    candidates = [(W_STAR, 0.1), (torch.tensor([1.0, 0.0, 0.0]), 0.2), (torch.zeros(3), 5.0)]
+    try:
+        chosen, records = pick_by_generation(handle, student.tokenizer, shots, "items", candidates,
+                                             GenerationConfig(max_new_tokens=4, stop_strings=()))
+    finally:
+        handle.remove()
+    assert [r["correct"] for r in records] == [0, 0, 0]
+    assert len({r["answered"] for r in records}) == 1  # "text" answers: every non-empty last line
+    assert chosen == 2  # a tie on correct and answered: the frozen student, despite its objective
+
+
 def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
     bank = make_bank(student.model)
     shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)
     m = mix(bank, student, shots, method="search", mode="weight", budget=8, finalists=3, target="items")
     found = m.info["finalists"]
     assert any(all(x == 0 for x in c["weights"]) for c in found)  # w = 0 was a candidate
-    key = [(c["correct"], c["answered"], -c["objective"]) for c in found]
+    key = [(c["correct"], c["answered"], all(x == 0 for x in c["weights"]), -c["objective"]) for c in found]
     assert key.index(max(key)) == m.info["chosen"]
     assert [m.weights[n] for n in NAMES] == pytest.approx(found[m.info["chosen"]]["weights"], abs=1e-4)
