@@ -332,7 +332,8 @@ def test_cli_mix_and_peft_export_match_our_logits(cli_setup, sharp_dir, tmp_path
     bank_dir, shots_file = cli_setup
     out, adapter = tmp_path / "mix.json", tmp_path / "adapter"
     rc = run_cli("--bank", str(bank_dir), "--target", "letters", "--shots", str(shots_file), "--mode", mode,
-                 "--budget", "12", "--student", str(sharp_dir), "--out", str(out), "--export-peft", str(adapter))
+                 "--budget", "12", "--student", str(sharp_dir), "--out", str(out), "--export-peft", str(adapter),
+                 "--finalists", "0")  # the search's own result, so the export is of a non-zero mixture
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "before" in printed and "after" in printed and "wrote" in printed
@@ -461,12 +462,23 @@ def test_pick_by_generation_keeps_the_student_on_a_tie(student):
     candidates = [(W_STAR, 0.1), (torch.tensor([1.0, 0.0, 0.0]), 0.2), (torch.zeros(3), 5.0)]
     try:
         chosen, records = pick_by_generation(handle, student.tokenizer, shots, "items", candidates,
-                                             GenerationConfig(max_new_tokens=4, stop_strings=()))
+                                             GenerationConfig(max_new_tokens=4, stop_strings=()), default=2)
     finally:
         handle.remove()
     assert [r["correct"] for r in records] == [0, 0, 0]
     assert len({r["answered"] for r in records}) == 1  # "text" answers: every non-empty last line
-    assert chosen == 2  # a tie on correct and answered: the frozen student, despite its objective
+    assert chosen == 2  # a tie on correct and answered: the default (here the student), despite its objective
+
+
+def test_seen_target_keeps_its_own_expert_on_a_tie(student):
+    bank = make_bank(student.model)
+    shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)
+    m = mix(bank, student, shots, method="uniform", mode="weight", finalists=1, target="c")
+    found = m.info["finalists"]
+    assert found[m.info["prior"]]["weights"] == [0.0, 0.0, 1.0]  # "c" is an expert: its own is the prior
+    assert any(all(x == 0 for x in c["weights"]) for c in found)  # and the student is a candidate too
+    key = [(c["correct"], c["answered"], i == m.info["prior"], -c["objective"]) for i, c in enumerate(found)]
+    assert key.index(max(key)) == m.info["chosen"]
 
 
 def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
@@ -475,6 +487,8 @@ def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
     m = mix(bank, student, shots, method="search", mode="weight", budget=8, finalists=3, target="items")
     found = m.info["finalists"]
     assert any(all(x == 0 for x in c["weights"]) for c in found)  # w = 0 was a candidate
-    key = [(c["correct"], c["answered"], all(x == 0 for x in c["weights"]), -c["objective"]) for c in found]
+    prior = m.info["prior"]
+    assert all(x == 0 for x in found[prior]["weights"])  # "items" is not an expert: the prior is the student
+    key = [(c["correct"], c["answered"], i == prior, -c["objective"]) for i, c in enumerate(found)]
     assert key.index(max(key)) == m.info["chosen"]
     assert [m.weights[n] for n in NAMES] == pytest.approx(found[m.info["chosen"]]["weights"], abs=1e-4)

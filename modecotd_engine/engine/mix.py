@@ -433,23 +433,26 @@ def mean_routing(handle: MixtureHandle, batches: Sequence[Batch]) -> torch.Tenso
 
 # -------------------------------------------------------------------------------------------- mix
 def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], target: str,
-                       candidates: Sequence[tuple[torch.Tensor, float]], config) -> tuple[int, list[dict]]:
+                       candidates: Sequence[tuple[torch.Tensor, float]], config,
+                       default: int | None = None) -> tuple[int, list[dict]]:
     """Generate every shot's answer under every candidate gate (one batched call) and pick the
-    candidate that answers most shots correctly; ties go to more shots answered at all, then to
-    w = 0 (the frozen student), then to the lower objective.
+    candidate that answers most shots correctly; ties go to more shots answered at all, then to the
+    ``default`` candidate, then to the lower objective.
 
     The shots loss measures how well a mixture *scores* the teacher's text, not whether the student
-    writes an answer with it: on unseen tasks mixtures that lower the loss were measured looping
-    (``-->`` or ``1. 1. 1.`` repeated) on most questions. Candidates should include w = 0, the
-    frozen student, so a bank that cannot help leaves the student as it is: a mixture has to answer
-    more shots, or more of them correctly, than the student to replace it. Measured on real data
-    (docs/real-data.md): where no candidate answered a shot correctly, the lowest objective chose
-    mixtures that answered 0 of 40 coin-flip and 7 of 40 OpenBookQA questions, against 40 and 25
-    for the student.
+    writes an answer with it: on unseen tasks mixtures that lowered the loss were measured looping
+    (``-->`` or ``1. 1. 1.`` repeated) on most questions, and five shots rarely separate candidates
+    by correct answers. So without evidence from generation the prior stays: ``default`` is the
+    target's own expert for a seen task and w = 0 (the frozen student) for an unseen one
+    (:func:`mix` adds both to the candidates). Measured on real data (docs/real-data.md): breaking
+    ties by the objective chose mixtures that answered 0 of 40 coin-flip and 7 of 40 OpenBookQA
+    questions, against 40 and 25 for the student; breaking them by w = 0 everywhere lost the seen
+    tasks' own experts.
 
     Args:
         candidates: ``(w (E,), objective)`` pairs.
         config: the ``GenerationConfig`` of the check (its prompt format should be the bank's).
+        default: index of the candidate kept on a tie (None: the objective decides).
     Returns:
         ``(index of the chosen candidate, per-candidate records {weights, objective, correct, answered})``.
     """
@@ -468,8 +471,7 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
                          "correct": sum(p is not None and answers_match(p, g, task_type) for p, g in zip(preds, golds)),
                          "answered": sum(p is not None for p in preds)})
     best = max(range(len(candidates)), key=lambda i: (records[i]["correct"], records[i]["answered"],
-                                                       bool((candidates[i][0] == 0).all()),
-                                                       -records[i]["objective"]))
+                                                       i == default, -records[i]["objective"]))
     return best, records
 
 
@@ -613,14 +615,27 @@ def mix(
             objective_after = res.objective
             loss_after = res.objective - float(objective.penalty(w))
         if finalists and method != "router":
-            pool = res.ranked[:finalists] if method == "search" else [(w, objective_after)]
-            if not any(bool((c == 0).all()) for c, _ in pool):
-                pool.append((zero, loss_before if loss_before is not None else objective.loss(zero)))
+            ranked = res.ranked if method == "search" else []
+            pool = ranked[:finalists] if method == "search" else [(w, objective_after)]
+            cached = {c.double().numpy().tobytes(): v for c, v in ranked}
+
+            def value(c: torch.Tensor) -> float:
+                known = cached.get(c.double().numpy().tobytes())
+                if known is not None:
+                    return known
+                return (loss_before if loss_before is not None else objective.loss(zero)) if not c.any() else objective(c)
+
+            # the prior kept on a tie: a seen target's own expert, else the frozen student
+            prior = torch.eye(e)[bank.names.index(target)] if target in bank.names else zero
+            for c in (prior, zero):
+                if not any(torch.equal(c, p) for p, _ in pool):
+                    pool.append((c, value(c)))
+            default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
             chosen, checked = pick_by_generation(handle, tokenizer, shots, target, pool,
-                                                 verify_config or _verify_config(bank))
+                                                 verify_config or _verify_config(bank), default=default)
             w, objective_after = pool[chosen]
             loss_after = objective_after - float(objective.penalty(w))
-            info.update(selection="generation on the shots", finalists=checked, chosen=chosen)
+            info.update(selection="generation on the shots", finalists=checked, chosen=chosen, prior=default)
         info.update(objective_before=loss_before, objective_after=objective_after,
                     seconds=round(time.perf_counter() - t0, 3))
         evaluations = objective.evaluations + (budget if method == "router" else 0)
