@@ -451,6 +451,45 @@ def test_pick_by_generation_keeps_the_candidate_that_answers(student):
     assert records[0]["correct"] < len(shots) and records[1]["correct"] < len(shots)
 
 
+def expected_choice(found: list[dict], prior: int, shots: int) -> int:
+    """The documented rule, written out: best by (correct, answered, is prior, -objective); it
+    replaces the prior only when ceil(0.3 * shots) (at least 1) shots better."""
+    key = [(c["correct"], c["answered"], i == prior, -c["objective"]) for i, c in enumerate(found)]
+    best = key.index(max(key))
+    need = max(1, -(-3 * shots // 10))
+    b, d = found[best], found[prior]
+    if b["correct"] - d["correct"] >= need or (b["correct"] == d["correct"] and b["answered"] - d["answered"] >= need):
+        return best
+    return prior
+
+
+def test_pick_by_generation_needs_a_margin_to_replace_the_prior(student, monkeypatch):
+    """Five shots: one more correct answer than the prior is noise (the prior stays), two are not."""
+    from modecotd_engine.engine import generate as gen_module
+    from modecotd_engine.engine.generate import GenerationConfig, GenerationResult
+    from modecotd_engine.engine.mix import pick_by_generation
+
+    shots = [{"input": f"Q{i}", "output": f"-->\n{i} END"} for i in range(5)]
+
+    def answers(right: int) -> list[str]:  # the first `right` shots answered correctly, the rest wrong
+        return [f"-->\n{i if i < right else 99} END" for i in range(5)]
+
+    def fake(model, tokenizer, prompts, **kw):
+        texts = answers(1) + answers(2) + answers(3)  # candidates: prior 1 right, then 2, then 3
+        texts = texts[: len(prompts)]
+        return GenerationResult(texts, [1] * len(texts), ["stop"] * len(texts), [0.0] * len(texts), 0.0)
+
+    monkeypatch.setattr(gen_module, "generate_detailed", fake)
+    handle = type("H", (), {"model": None})()
+    cfg = GenerationConfig()
+    cands = [(torch.zeros(3), 1.0), (torch.ones(3), 0.5)]
+    assert pick_by_generation(handle, None, shots, "addsub", cands, cfg, default=0)[0] == 0  # +1: noise
+    cands3 = cands + [(torch.full((3,), 2.0), 0.9)]
+    chosen, records = pick_by_generation(handle, None, shots, "addsub", cands3, cfg, default=0)
+    assert [r["correct"] for r in records] == [1, 2, 3] and chosen == 2  # +2: replaces the prior
+    assert pick_by_generation(handle, None, shots, "addsub", cands3, cfg, default=0, margin=3)[0] == 0
+
+
 def test_pick_by_generation_keeps_the_student_on_a_tie(student):
     """When no candidate answers more shots (or more correctly) than w = 0, the student stays."""
     from modecotd_engine.engine.generate import GenerationConfig
@@ -477,8 +516,7 @@ def test_seen_target_keeps_its_own_expert_on_a_tie(student):
     found = m.info["finalists"]
     assert found[m.info["prior"]]["weights"] == [0.0, 0.0, 1.0]  # "c" is an expert: its own is the prior
     assert any(all(x == 0 for x in c["weights"]) for c in found)  # and the student is a candidate too
-    key = [(c["correct"], c["answered"], i == m.info["prior"], -c["objective"]) for i, c in enumerate(found)]
-    assert key.index(max(key)) == m.info["chosen"]
+    assert m.info["chosen"] == expected_choice(found, m.info["prior"], len(shots))
 
 
 def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
@@ -489,6 +527,5 @@ def test_mix_with_finalists_records_the_check_and_includes_the_student(student):
     assert any(all(x == 0 for x in c["weights"]) for c in found)  # w = 0 was a candidate
     prior = m.info["prior"]
     assert all(x == 0 for x in found[prior]["weights"])  # "items" is not an expert: the prior is the student
-    key = [(c["correct"], c["answered"], i == prior, -c["objective"]) for i, c in enumerate(found)]
-    assert key.index(max(key)) == m.info["chosen"]
+    assert m.info["chosen"] == expected_choice(found, prior, len(shots))
     assert [m.weights[n] for n in NAMES] == pytest.approx(found[m.info["chosen"]]["weights"], abs=1e-4)

@@ -434,7 +434,7 @@ def mean_routing(handle: MixtureHandle, batches: Sequence[Batch]) -> torch.Tenso
 # -------------------------------------------------------------------------------------------- mix
 def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], target: str,
                        candidates: Sequence[tuple[torch.Tensor, float]], config,
-                       default: int | None = None) -> tuple[int, list[dict]]:
+                       default: int | None = None, margin: int | None = None) -> tuple[int, list[dict]]:
     """Generate every shot's answer under every candidate gate (one batched call) and pick the
     candidate that answers most shots correctly; ties go to more shots answered at all, then to the
     ``default`` candidate, then to the lower objective.
@@ -447,12 +447,17 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
     (:func:`mix` adds both to the candidates). Measured on real data (docs/real-data.md): breaking
     ties by the objective chose mixtures that answered 0 of 40 coin-flip and 7 of 40 OpenBookQA
     questions, against 40 and 25 for the student; breaking them by w = 0 everywhere lost the seen
-    tasks' own experts.
+    tasks' own experts. One shot of five is within noise too: a mixture that answered 2 StrategyQA
+    shots right where the student answered 1 answered 7 of 40 questions at all (the student 38).
+    So the default is replaced only by a candidate at least ``margin`` shots better: more correct
+    answers, or as many and more answers at all.
 
     Args:
         candidates: ``(w (E,), objective)`` pairs.
         config: the ``GenerationConfig`` of the check (its prompt format should be the bank's).
         default: index of the candidate kept on a tie (None: the objective decides).
+        margin: shots by which a candidate must beat ``default`` (default: 30% of the shots, at
+            least 1: 2 of 5).
     Returns:
         ``(index of the chosen candidate, per-candidate records {weights, objective, correct, answered})``.
     """
@@ -472,6 +477,12 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
                          "answered": sum(p is not None for p in preds)})
     best = max(range(len(candidates)), key=lambda i: (records[i]["correct"], records[i]["answered"],
                                                        i == default, -records[i]["objective"]))
+    if default is not None and best != default:
+        need = max(1, math.ceil(0.3 * len(shots))) if margin is None else margin
+        b, d = records[best], records[default]
+        if not (b["correct"] - d["correct"] >= need
+                or (b["correct"] == d["correct"] and b["answered"] - d["answered"] >= need)):
+            best = default
     return best, records
 
 
