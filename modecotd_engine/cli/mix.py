@@ -61,7 +61,6 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine.data import read_task_dir, read_task_file
     from ..engine.experts import ExpertBank
-    from ..engine.generate import GenerationConfig
     from ..engine.mix import mix
     from ..engine.mixture import save_mixture
     from ..engine.student import load_student
@@ -98,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
     m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
             target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
             bank_dir=args.bank, finalists=args.finalists, probe_experts=not args.no_probe,
-            verify_config=GenerationConfig(
-                max_new_tokens=args.verify_max_new_tokens, prompt_format=bank.prompt_format,
-                stop_after_answer=True, stop_on_loop=True))
+            verify_max_new_tokens=args.verify_max_new_tokens)
     info = m.info
     if "finalists" in info:
         print(f"checked by generation on the {len(shots)} shots (correct/answered):")

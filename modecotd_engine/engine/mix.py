@@ -507,7 +507,7 @@ def mix(
     backend: str = "auto",
     handle: MixtureHandle | None = None,
     finalists: int = 0,
-    verify_config=None,
+    verify_max_new_tokens: int = 256,
     probe_experts: bool = True,
 ) -> Mixture:
     """Find how to combine ``bank``'s experts for ``target`` from a few examples.
@@ -535,10 +535,11 @@ def mix(
             for the call and restored); None injects here and removes the layers afterwards.
         finalists: > 0 checks the result by generation (:func:`pick_by_generation`): the best
             ``finalists`` distinct candidates of the search (the result alone for gradient and
-            uniform) plus w = 0 each answer the shots, and the one that answers most of them
-            correctly is kept. 0: the objective alone decides. Not for routers.
-        verify_config: the ``GenerationConfig`` of that check (default: greedy, 256 new tokens,
-            the bank's prompt format, stop after the answer line and on loops).
+            uniform), the prior (a seen target's own expert) and w = 0 each answer the shots, and
+            the prior stays unless another answers clearly more of them correctly. 0: the
+            objective alone decides. Not for routers.
+        verify_max_new_tokens: token budget of each shot's answer in that check (greedy, the
+            bank's prompt format, stops after the answer line and on loops).
         probe_experts: search only: first evaluate every expert alone (w = e_i, E forward passes
             besides the budget) and start the search from the best of them and w = 0. From 0 alone,
             NGOpt's COBYLA steps along the first coordinates first and a budget of 30-40 can end
@@ -643,7 +644,7 @@ def mix(
                     pool.append((c, value(c)))
             default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
             chosen, checked = pick_by_generation(handle, tokenizer, shots, target, pool,
-                                                 verify_config or _verify_config(bank), default=default)
+                                                 _verify_config(bank, verify_max_new_tokens), default=default)
             w, objective_after = pool[chosen]
             loss_after = objective_after - float(objective.penalty(w))
             info.update(selection="generation on the shots", finalists=checked, chosen=chosen, prior=default)
@@ -667,11 +668,11 @@ def mix(
     )
 
 
-def _verify_config(bank: ExpertBank):
+def _verify_config(bank: ExpertBank, max_new_tokens: int):
     from .generate import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=256, prompt_format=bank.prompt_format, stop_after_answer=True,
-                            stop_on_loop=True)
+    return GenerationConfig(max_new_tokens=max_new_tokens, prompt_format=bank.prompt_format,
+                            stop_after_answer=True, stop_on_loop=True)
 
 
 def _router_shots_loss(handle: MixtureHandle, objective: ShotsObjective) -> float:

@@ -300,13 +300,10 @@ class _Session:
             self._student = None  # re-inject the bank on the next load
 
     def mix_all(self, layout, prof: Profile, mode: str):
-        from .generate import GenerationConfig
         from .mix import mix
         from .mixture import save_mixture
 
         student, bank, handle = self._load()
-        verify = GenerationConfig(max_new_tokens=prof.max_new_tokens, prompt_format=bank.prompt_format,
-                                  stop_after_answer=True, stop_on_loop=True)
         d = self.out / "mixtures" / mode
         for t, path in layout["shots"].items():
             if (d / f"{t}.json").exists():
@@ -314,7 +311,7 @@ class _Session:
             shots = read_task_file(path, require_marker=True, missing_marker="drop").records
             m = mix(bank, student, shots, method="search", mode=mode, budget=prof.budget, seed=self.cfg.seed,
                     target=t, bank_dir=str(self.out / "experts" / "bank"), handle=handle,
-                    finalists=prof.finalists, verify_config=verify)
+                    finalists=prof.finalists, verify_max_new_tokens=prof.max_new_tokens)
             save_mixture(m, d / f"{t}.json")
             picked = m.info["finalists"][m.info["chosen"]]
             print(f"  {t}: shots loss {m.shots_loss_before:.3f} -> {m.shots_loss_after:.3f}, "
