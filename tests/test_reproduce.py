@@ -76,6 +76,25 @@ def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_
     assert "[experts] done already" in capsys.readouterr().out
     assert json.loads((out / "stages.json").read_text()) == times
 
+    # continuing with other settings would mix two runs in one report: refused, naming what changed
+    assert main(argv + ["--set", "steps=4"]) == 2
+    assert "steps: 3 -> 4" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["profile"]["steps"] == 3
+
+
+def test_reproduce_train_cap_keeps_the_first_records(layout, tmp_path):
+    from modecotd_engine.engine.reproduce import PROFILES, ReproduceConfig, _prepare_data, _read_layout
+    from dataclasses import replace
+
+    cfg = ReproduceConfig(data=str(layout), out=str(tmp_path / "o"), tasks=("addsub",), unseen=("coin_flip",))
+    prof = replace(cfg.resolved_profile(), heldout=3, train_cap=5)
+    _prepare_data(_read_layout(layout, cfg, prof), prof, tmp_path / "d")
+    train = json.loads((tmp_path / "d" / "train" / "addsub.json").read_text())
+    full = json.loads((layout / "train" / "addsub.json").read_text())
+    assert train == full[:5]
+    assert len(json.loads((tmp_path / "d" / "eval" / "addsub.json").read_text())) == 2  # 3 held out, 1 a shot
+    assert PROFILES["cpu"].train_cap == 0
+
 
 def test_reproduce_refuses_a_bad_layout(tmp_path, tiny_student_dir):
     (tmp_path / "train").mkdir()

@@ -77,7 +77,9 @@ def _header(prof: Profile) -> list[str]:
             f"{device_name(torch.device('cpu'))}; python {v['python']}, torch {v['torch']}, "
             f"transformers {v['transformers']}",
             f"- profile: {prof.steps or f'{prof.epochs:g} epochs of'} steps, batch {prof.batch_size}, lr {prof.lr:g}, "
-            f"rank {prof.rank} on {', '.join(prof.targets)}, max length {prof.max_len}; {prof.heldout} records per seen "
+            f"rank {prof.rank} on {', '.join(prof.targets)}, max length {prof.max_len}"
+            f"{f', the first {prof.train_cap} training records per task' if prof.train_cap else ''}; "
+            f"{prof.heldout} records per seen "
             f"task held out of train/, {prof.eval_limit or 'all'} evaluated per task; greedy decoding, "
             f"{prof.max_new_tokens} new tokens at most; search budget {prof.budget}, {prof.finalists} finalists"]
 

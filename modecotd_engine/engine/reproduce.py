@@ -66,6 +66,7 @@ class Profile:
     max_new_tokens: int
     budget: int  # candidates of each weight search
     finalists: int  # candidates checked by generation on the shots
+    train_cap: int = 0  # training records per seen task, the first ones of train/ (0: all)
 
 
 PROFILES = {
@@ -128,9 +129,10 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
     prof = cfg.resolved_profile()
     layout = _read_layout(root, cfg, prof)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps({"config": asdict(cfg), "profile": asdict(prof),
-                                                       "seen": layout["seen"], "unseen": layout["unseen"]},
-                                                      indent=2, default=str) + "\n")
+    record = json.loads(json.dumps({"config": asdict(cfg), "profile": asdict(prof), "seen": layout["seen"],
+                                    "unseen": layout["unseen"]}, default=str))
+    _check_same_run(out / "config.json", record)
+    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
     stages = _Stages(out)
     stages.run("data", out / "data" / "done", lambda: _prepare_data(layout, prof, out / "data"))
     steps = prof.steps or _epoch_steps(out / "data" / "train", prof)
@@ -150,6 +152,32 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
                    lambda: session.eval_mixtures(layout, mode))
     stages.run("eval-uniform", out / "eval" / "uniform" / "summary.json", lambda: session.eval_uniform(layout))
     return write_report(out, layout, stages.times, header=header)
+
+
+# Settings that may differ between the commands continuing one output directory: none changes a stage's
+# files (``overrides`` is checked through the profile it resolves to; ``out`` may have been moved).
+_FREE_FIELDS = {"progress", "overrides", "out"}
+
+
+def _check_same_run(path: Path, record: dict) -> None:
+    """Refuse to continue a run directory whose recorded settings differ from this command's: the
+    stages already there were computed with the old ones, and a report mixing both would be wrong."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    changed = []
+    for part in ("config", "profile"):
+        for k in sorted(set(old.get(part, {})) | set(record[part])):
+            if k in _FREE_FIELDS or k not in old.get(part, {}):  # a field newer than the run: its default
+                continue
+            if old.get(part, {}).get(k) != record[part].get(k):
+                changed.append(f"{k}: {old.get(part, {}).get(k)!r} -> {record[part].get(k)!r}")
+    for k in ("seen", "unseen"):
+        if old.get(k) != record[k]:
+            changed.append(f"{k}: {old.get(k)!r} -> {record[k]!r}")
+    if changed:
+        raise ValueError(f"{path.parent} was run with other settings ({'; '.join(changed)}); continue it with its "
+                         f"own settings (see {path}) or give a new --out")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -191,6 +219,8 @@ def _prepare_data(layout: dict, prof: Profile, d: Path) -> None:
         if t in layout["shots"]:
             shots = {r["input"] for r in read_task_file(layout["shots"][t], missing_marker="keep").records}
         train, held = records[:-prof.heldout], [r for r in records[-prof.heldout:] if r["input"] not in shots]
+        if prof.train_cap:
+            train = train[:prof.train_cap]
         atomic_write_text(d / "train" / f"{t}.json", json.dumps(train, ensure_ascii=False) + "\n")
         atomic_write_text(d / "eval" / f"{t}.json", json.dumps(_limit(held, prof), ensure_ascii=False) + "\n")
         union.extend(train)
