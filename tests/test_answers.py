@@ -13,6 +13,7 @@ from modecotd_engine.engine.answers import (
     infer_task_type,
     normalize_answer,
     parse_number,
+    parse_options,
     split_output,
 )
 
@@ -125,6 +126,35 @@ def test_extract_arithmetic_fallback(text, expected):
 )
 def test_extract_choice_fallback(text, expected):
     assert extract_answer(text, "choice") == expected
+
+
+OBQA = "Meadow voles consume Answer choices: (A) producers, (B) apex predators, (C) decomposers, (D) detritivores."
+TRACK = ("Infer the correct choice for the question.\n\nQ: ... At the end of the game, Alice has the \nWhich choice "
+         "is true? Answer choices: (A) orange ball, (B) white ball, (C) blue ball.\nA:")
+
+
+def test_parse_options_of_both_prompt_formats():
+    assert parse_options(OBQA) == {"A": "producers", "B": "apex predators", "C": "decomposers", "D": "detritivores"}
+    assert parse_options(TRACK) == {"A": "orange ball", "B": "white ball", "C": "blue ball"}
+    assert parse_options("Q: (A) 1,000, (B) 2,000.\nA:") == {"A": "1,000", "B": "2,000"}
+    assert parse_options("Q: How many apples?\nA:") == {}
+
+
+@pytest.mark.parametrize(
+    "text, question, expected",
+    [
+        ("Meadow voles consume Producers.", OBQA, "A"),  # case-insensitive
+        ("Not decomposers: they are detritivores", OBQA, "D"),  # the option stated last
+        ("Alice has the white ball.", TRACK, "B"),  # "white ball" ends where "ball" would
+        ("Alice has a ball.", TRACK, None),  # no option's whole text
+        ("They eat producerss.", OBQA, None),  # whole words only
+        ("The answer is (C), not producers.", OBQA, "C"),  # a letter comes first
+        ("-->\n\napex predators END", OBQA, "B"),  # after the marker too
+        ("Meadow voles consume producers.", None, None),  # no question, no options
+    ],
+)
+def test_extract_choice_by_option_text(text, question, expected):
+    assert extract_answer(text, "choice", question=question) == expected
 
 
 @pytest.mark.parametrize(

@@ -325,3 +325,14 @@ def test_eval_loop_bench_smoke(eval_setup, tmp_path):
     assert rep["same_predictions"] is True and rep["records"] == 4
     assert set(rep["runs"]) == {"fixed batches (drain)", "continuous batching"}
     assert "speed-up" in (tmp_path / "b" / "eval-loop.md").read_text()
+
+
+def test_choice_answer_given_as_option_text_is_scored_by_its_letter():
+    from modecotd_engine.engine.evaluate import _score
+
+    q = "Meadow voles consume Answer choices: (A) producers, (B) apex predators, (C) decomposers."
+    records = [{"input": q, "output": "A"}, {"input": q, "output": "C"}]
+    res = _score("openbook_qa", "choice", records, ["A", "C"], ["They consume producers.", "Mice."], [4, 2],
+                 ["eos", "eos"], compat_substring=False)
+    assert [p["prediction"] for p in res.predictions] == ["A", None]
+    assert res.correct == 1 and res.unextracted == 1

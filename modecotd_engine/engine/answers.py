@@ -70,6 +70,8 @@ _CHOICE_RES = (
 )
 # At the start of an answer segment: "C", "C.", "(c)", "C: 07/07/1972".
 _CHOICE_LEAD_RE = re.compile(r"^\(?([A-Fa-f])(?:\)|(?![A-Za-z0-9]))")
+# The options of a choice question: "Answer choices: (A) producers, (B) apex predators, (C) decomposers."
+_OPTION_RE = re.compile(r"\(([A-F])\)\s*(.*?)\s*(?=,?\s*\([A-F]\)|\n|$)", re.DOTALL)
 _QUOTED_RE = re.compile(r"\"([^\"\n]*)\"|\u201c([^\u201d\n]*)\u201d")
 _STRIP_CHARS = " \t\r\n\"'`\u201c\u201d\u2018\u2019"
 
@@ -150,6 +152,34 @@ def _last_choice(text: str) -> str | None:
     return best
 
 
+def parse_options(question: str) -> dict[str, str]:
+    """The options of a choice question, letter -> text (``"(A) producers, (B) apex predators."`` ->
+    ``{"A": "producers", "B": "apex predators"}``); empty when the question lists none. Only the text
+    after the last ``Answer choices:`` is read when the question has that phrase."""
+    idx = question.lower().rfind("answer choices:")
+    tail = question[idx:] if idx >= 0 else question
+    out = {}
+    for m in _OPTION_RE.finditer(tail):
+        text = m.group(2).strip().rstrip(".,;").strip()
+        if text:
+            out.setdefault(m.group(1), text)
+    return out
+
+
+def _choice_by_option_text(text: str, options: dict[str, str]) -> str | None:
+    """The option whose text the generation states last (whole words, case-insensitive); a longer
+    option text ending at the same place wins ("white ball" over "ball")."""
+    low = " ".join(text.lower().split())
+    best_key, best = (-1, 0), None
+    for letter, option in options.items():
+        pat = re.compile(r"(?<![a-z0-9])" + re.escape(" ".join(option.lower().split())) + r"(?![a-z0-9])")
+        for m in pat.finditer(low):
+            key = (m.end(), len(option))
+            if key > best_key:
+                best_key, best = key, letter
+    return best
+
+
 def _bool_word(text: str, last: bool) -> str | None:
     found = _BOOL_RE.findall(text)
     if not found:
@@ -169,7 +199,7 @@ def _letters_answer(text: str) -> str | None:
     return tok or None
 
 
-def extract_answer(text: str, task_type: str) -> str | None:
+def extract_answer(text: str, task_type: str, question: str | None = None) -> str | None:
     """Extract the normalized final answer from a generated or training output.
 
     With a ``-->`` marker the answer is the text after the last marker up to ``END``; without it a
@@ -177,9 +207,14 @@ def extract_answer(text: str, task_type: str) -> str | None:
     letter A-F (``"(C)"``, ``"C)"``, ``"answer is C"``); boolean -> last yes/no/true/false;
     letters -> final double-quoted string, else last token; text -> last non-empty line.
 
+    A choice answer written as an option's text instead of its letter ("Meadow voles consume
+    producers.") is mapped to that option's letter when ``question`` lists the options
+    (``parse_options``); the letter rules come first.
+
     Args:
         text: the output text (rationale and answer, or a bare generation).
         task_type: one of ``TASK_TYPES``.
+        question: the prompt, for the options of a choice question (optional).
 
     Returns:
         arithmetic: a plain number string (``"1000"``, ``"12.5"``); choice: an upper-case letter;
@@ -194,7 +229,8 @@ def extract_answer(text: str, task_type: str) -> str | None:
             return _last_number(seg)
         if task_type == "choice":
             m = _CHOICE_LEAD_RE.match(seg)
-            return m.group(1).upper() if m else _last_choice(seg)
+            found = m.group(1).upper() if m else _last_choice(seg)
+            return found or (_choice_by_option_text(seg, parse_options(question)) if question else None)
         if task_type == "boolean":
             return _bool_word(seg, last=False)
         if task_type == "letters":
@@ -203,7 +239,8 @@ def extract_answer(text: str, task_type: str) -> str | None:
     if task_type == "arithmetic":
         return _last_number(text)
     if task_type == "choice":
-        return _last_choice(text)
+        found = _last_choice(text)
+        return found or (_choice_by_option_text(text, parse_options(question)) if question else None)
     if task_type == "boolean":
         return _bool_word(text, last=True)
     if task_type == "letters":

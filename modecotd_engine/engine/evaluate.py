@@ -118,7 +118,7 @@ def _score(task: str, task_type: str, records: Sequence[dict], golds: list[str],
     for i, (rec, gold) in enumerate(zip(records, golds)):
         span = slice(i * samples, (i + 1) * samples)
         group = texts[span]
-        answers = [extract_answer(t, task_type) for t in group]
+        answers = [extract_answer(t, task_type, question=rec["input"]) for t in group]
         pred, votes = (answers[0], None) if samples == 1 else majority_vote(answers, task_type)
         text = group[0] if pred is None else group[answers.index(pred)]  # a generation that gave the answer
         if pred is None:

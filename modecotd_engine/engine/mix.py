@@ -471,7 +471,8 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
     texts = generate_detailed(handle.model, tokenizer, prompts, handle=handle, gates=gates, config=config).texts
     records = []
     for c, (w, value) in enumerate(candidates):
-        preds = [extract_answer(t, task_type) for t in texts[c * len(shots):(c + 1) * len(shots)]]
+        preds = [extract_answer(t, task_type, question=s["input"])
+                 for t, s in zip(texts[c * len(shots):(c + 1) * len(shots)], shots)]
         records.append({"weights": [round(float(x), 4) for x in w], "objective": value,
                          "correct": sum(p is not None and answers_match(p, g, task_type) for p, g in zip(preds, golds)),
                          "answered": sum(p is not None for p in preds)})
