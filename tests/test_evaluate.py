@@ -328,11 +328,11 @@ def test_eval_loop_bench_smoke(eval_setup, tmp_path):
 
 
 def test_choice_answer_given_as_option_text_is_scored_by_its_letter():
-    from modecotd_engine.engine.evaluate import _score
+    from modecotd_engine.engine.evaluate import score_generations
 
     q = "Meadow voles consume Answer choices: (A) producers, (B) apex predators, (C) decomposers."
     records = [{"input": q, "output": "A"}, {"input": q, "output": "C"}]
-    res = _score("openbook_qa", "choice", records, ["A", "C"], ["They consume producers.", "Mice."], [4, 2],
-                 ["eos", "eos"], compat_substring=False)
+    res = score_generations("openbook_qa", "choice", records, ["A", "C"], ["They consume producers.", "Mice."],
+                            [4, 2], ["eos", "eos"])
     assert [p["prediction"] for p in res.predictions] == ["A", None]
     assert res.correct == 1 and res.unextracted == 1

@@ -109,10 +109,12 @@ def majority_vote(answers: Sequence[str | None], task_type: str) -> tuple[str | 
     return first[best], counts
 
 
-def _score(task: str, task_type: str, records: Sequence[dict], golds: list[str], texts: list[str],
-           num_tokens: list[int], reasons: list[str], compat_substring: bool, samples: int = 1) -> TaskResult:
-    """Score each record; with ``samples`` > 1, ``texts`` holds that many generations per record
-    (record-major) and the majority answer is scored."""
+def score_generations(task: str, task_type: str, records: Sequence[dict], golds: list[str], texts: list[str],
+                      num_tokens: list[int], reasons: list[str], compat_substring: bool = False,
+                      samples: int = 1) -> TaskResult:
+    """Score generated texts (nothing is generated here): extract each record's answer (the record's
+    ``input`` gives a choice question's options) and compare it with its gold. With ``samples`` > 1,
+    ``texts`` holds that many generations per record (record-major) and the majority answer is scored."""
     correct = unextracted = 0
     predictions = []
     for i, (rec, gold) in enumerate(zip(records, golds)):
@@ -246,8 +248,8 @@ def evaluate_many(
     out: dict[str, TaskResult] = {}
     for task, records in tasks.items():
         lo, hi = spans[task]
-        out[task] = _score(task, types[task], records, golds[task], res.texts[lo:hi], res.num_tokens[lo:hi],
-                           res.finish_reasons[lo:hi], compat_substring, samples)
+        out[task] = score_generations(task, types[task], records, golds[task], res.texts[lo:hi],
+                                      res.num_tokens[lo:hi], res.finish_reasons[lo:hi], compat_substring, samples)
     return out
 
 
