@@ -24,6 +24,7 @@ import torch
 from conftest import make_byte_tokenizer, make_tiny_student
 
 from modecotd_engine.cli import student as student_cli
+from modecotd_engine.engine import gguf as st_gguf
 from modecotd_engine.engine import student as st
 from modecotd_engine.engine.student import (
     Student,
@@ -474,17 +475,17 @@ def test_convert_gguf_refusals(tmp_path, tiny_gguf):
 
 def test_convert_gguf_is_atomic(tmp_path, tiny_gguf, monkeypatch):
     src, _ = tiny_gguf
-    real_write = st._write_hf_dir
+    real_write = st_gguf._write_hf_dir
 
     def crash_after_weights(*args):
         real_write(*args)  # every file written ...
         raise KeyboardInterrupt  # ... then the process is interrupted before the rename
 
-    monkeypatch.setattr(st, "_write_hf_dir", crash_after_weights)
+    monkeypatch.setattr(st_gguf, "_write_hf_dir", crash_after_weights)
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(src, tmp_path / "converted")
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temp directory exists
-    monkeypatch.setattr(st, "_write_hf_dir", real_write)
+    monkeypatch.setattr(st_gguf, "_write_hf_dir", real_write)
     assert st._is_converted(convert_gguf(src, tmp_path / "converted"))
 
 
@@ -561,8 +562,8 @@ def test_convert_gguf_needs_no_accelerate(tmp_path, tiny_gguf, monkeypatch):
 
 
 def test_convert_gguf_rejects_unknown_tensors(tmp_path, tiny_gguf, monkeypatch):
-    real_name = st._gguf_hf_name
-    monkeypatch.setattr(st, "_gguf_hf_name", lambda n: None if n == "blk.0.ffn_up.weight" else real_name(n))
+    real_name = st_gguf._gguf_hf_name
+    monkeypatch.setattr(st_gguf, "_gguf_hf_name", lambda n: None if n == "blk.0.ffn_up.weight" else real_name(n))
     with pytest.raises(StudentError, match="blk.0.ffn_up.weight"):
         convert_gguf(tiny_gguf[0], tmp_path / "converted")
 

@@ -12,17 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+from modecotd_engine.engine.gguf import convert_gguf
 from modecotd_engine.engine.student import (
-    CONVERSION_FILE,
     DEFAULT_STUDENT_NAME,
+    DTYPES,
     StudentError,
-    convert_gguf,
     describe_student,
     load_student,
     modecotd_home,
 )
-
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+from modecotd_engine.engine.student_files import CONVERSION_FILE
 
 
 def register(subparsers) -> None:
@@ -47,7 +46,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=DTYPE_CHOICES,
+        choices=DTYPES,
         default=None,
         help="weight dtype (default: float32 on CPU, bfloat16 on CUDA)",
     )
