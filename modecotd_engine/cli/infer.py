@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from ..engine.atomic import atomic_write_text
-from ..engine.generate import GenerationConfig, GenerationError, PromptError, encode_prompts, generate_detailed
+from ..engine.generate import (LOOP_REPEATS, GenerationConfig, GenerationError, PromptError, Selection, encode_prompts,
+                               frozen_selection, generate_detailed, mixture_selection, model_context_length,
+                               spec_selection)
 from ..engine.data import PROMPT_FORMATS, format_prompt
 from ..kernels import MODES
-from ..engine.generate import LOOP_REPEATS, model_context_length, parse_expert_spec
 
 _EPILOG = """\
 request file (--input): one JSON object a line, e.g.
@@ -39,27 +40,6 @@ examples:
   printf 'Q: ...\\nA:' | modecotd-engine infer --bank runs/x/experts --mixture mixtures/price_math.json
   modecotd-engine infer --bank runs/x/experts --input requests.jsonl --out answers.jsonl
 """
-
-
-@dataclass
-class Selection:
-    """What one request runs with.
-
-    Attributes:
-        gate: (E,) gate row (zeros: the frozen student); None when no bank is loaded.
-        mode: composition, "output" or "weight".
-        label: how the request named it (for output records and messages).
-        router: a router mixture (served in its own group), else None.
-    """
-
-    gate: torch.Tensor | None
-    mode: str
-    label: str
-    router: object | None = None
-
-    @property
-    def group(self) -> tuple:
-        return (self.mode, str(self.router.router) if self.router is not None else None)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -223,24 +203,6 @@ def load_model(args, *, need_bank: bool):
     bank = ExpertBank.load(args.bank, student=student)
     handle = inject_experts(student.model, bank, mode=args.mode or "output", backend=args.backend)
     return student, bank, handle
-
-
-def frozen_selection(bank) -> Selection:
-    return Selection(None if bank is None else torch.zeros(bank.num_experts), "output", "frozen student")
-
-
-def spec_selection(spec: str, bank, mode: str | None) -> Selection:
-    return Selection(parse_expert_spec(spec, bank), mode or "output", spec)
-
-
-def mixture_selection(path: str, bank, bank_dir: str | None, mode: str | None) -> Selection:
-    from ..engine.mixture import check_mixture_bank, load_mixture
-
-    m = load_mixture(path)
-    check_mixture_bank(m, bank, bank_dir=bank_dir)
-    if m.method == "router":
-        return Selection(None, mode or m.mode, str(path), router=m)
-    return Selection(m.weight_vector(bank), mode or m.mode, str(path))
 
 
 def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selection], config: GenerationConfig,

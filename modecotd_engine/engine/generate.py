@@ -21,6 +21,10 @@ The loop is a lean one written here (not ``model.generate``):
 * greedy by default; sampling with temperature / top-p draws from one seeded ``torch.Generator``,
   so the same prompts, gates and config give the same texts.
 
+The loop is a :class:`Decoder`, one state object driven step by step: ``generate_detailed`` runs a
+fixed list of requests through it, the HTTP server (``serve_loop``) feeds it requests as they arrive,
+each row with its own budget, stop strings and sampler.
+
 The text returned for a request is its decoded continuation, cut just after the first stop string
 (the stop string included), without the EOS token.
 """
@@ -31,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -154,7 +159,7 @@ class GenerationResult:
             token up to the one that completed it).
         batches: prefills (groups of requests that joined the running batch together).
         forward_calls: model forwards, prefill and decode.
-        extra: ``admissions``, one record per prefill: ``forward_calls`` before it, requests
+        extra: ``admissions``, one record per prefill: ``forward_calls`` up to and including it, requests
             ``joined``, distinct prompts ``prefilled`` for them, rows ``running`` already.
     """
 
@@ -234,6 +239,49 @@ def parse_expert_spec(spec: str, bank: ExpertBank) -> torch.Tensor:
     return bank.weights_vector(names)
 
 
+@dataclass
+class Selection:
+    """What one request runs with.
+
+    Attributes:
+        gate: (E,) gate row (zeros: the frozen student); None when no bank is loaded.
+        mode: composition, "output" or "weight".
+        label: how the request named it (for output records and messages).
+        router: a router mixture (served in its own group), else None.
+    """
+
+    gate: torch.Tensor | None
+    mode: str
+    label: str
+    router: object | None = None
+
+    @property
+    def group(self) -> tuple:
+        """Requests of one group can decode in one batch: composition mode and router are model-wide."""
+        return (self.mode, str(self.router.router) if self.router is not None else None)
+
+
+def frozen_selection(bank: ExpertBank | None) -> Selection:
+    """The frozen student: a zero gate row (no gate at all without a bank)."""
+    return Selection(None if bank is None else torch.zeros(bank.num_experts), "output", "frozen student")
+
+
+def spec_selection(spec: str, bank: ExpertBank, mode: str | None) -> Selection:
+    """An expert spec (``parse_expert_spec``), output composition unless ``mode`` says otherwise."""
+    return Selection(parse_expert_spec(spec, bank), mode or "output", spec)
+
+
+def mixture_selection(path: str, bank: ExpertBank, bank_dir: str | None, mode: str | None) -> Selection:
+    """A mixture file, checked against ``bank``; its own mode unless ``mode`` overrides it."""
+    from .mixture import check_mixture_bank, load_mixture
+
+    m = load_mixture(path)
+    check_mixture_bank(m, bank, bank_dir=bank_dir)
+    if m.method == "router":
+        return Selection(None, mode or m.mode, str(path), router=m)
+    return Selection(m.weight_vector(bank), mode or m.mode, str(path))
+
+
 # ------------------------------------------------------------------------------------------------
 # helpers
 
@@ -289,20 +337,61 @@ def _pad_id(tokenizer, eos: set[int]) -> int:
     return min(eos) if eos else 0
 
 
-def _next_tokens(logits: torch.Tensor, config: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+@dataclass(eq=False)
+class Sampler:
+    """How a request's rows choose their tokens: argmax (temperature 0), or a temperature / top-p draw
+    from ``generator``. Rows that share one sampler are drawn in one call, so a seeded request gives
+    the same texts whatever else decodes beside it.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def of(cls, config: GenerationConfig, device: torch.device) -> "Sampler":
+        """The sampler of ``config``: greedy, or a generator seeded with ``config.seed``."""
+        if config.greedy:
+            return cls()
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(config.seed))
+        return cls(float(config.temperature), float(config.top_p), gen)
+
+
+def _next_tokens(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
     """(b, V) logits -> (b,) token ids: argmax, or a temperature / top-p draw."""
-    if config.greedy:
+    if sampler.greedy:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / config.temperature, dim=-1)
-    if config.top_p < 1.0:
+    probs = torch.softmax(logits.float() / sampler.temperature, dim=-1)
+    if sampler.top_p < 1.0:
         sorted_p, sorted_i = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is
         # still short of top_p (so the most likely token always stays).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= config.top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= sampler.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        pick = torch.multinomial(sorted_p, 1, generator=gen)  # multinomial renormalises
+        pick = torch.multinomial(sorted_p, 1, generator=sampler.generator)  # multinomial renormalises
         return sorted_i.gather(-1, pick).squeeze(-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=sampler.generator).squeeze(-1)
+
+
+def _pick_tokens(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Tensor:
+    """(b, V) logits -> (b,) token ids, each row by its sampler: one call per distinct sampler (all
+    greedy rows together in one argmax)."""
+    first = samplers[0]
+    if all(s is first for s in samplers):
+        return _next_tokens(logits, first)
+    groups: dict[object, list[int]] = {}
+    for j, s in enumerate(samplers):
+        groups.setdefault("greedy" if s.greedy else id(s), []).append(j)
+    out = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
+    for rows in groups.values():
+        sel = torch.tensor(rows, device=logits.device)
+        out[sel] = _next_tokens(logits[sel], samplers[rows[0]])
+    return out
 
 
 def _stop_cut(text: str, stops: Sequence[str]) -> int | None:
@@ -398,21 +487,20 @@ def generate_detailed(
     except ValueError as exc:
         raise GenerationError(str(exc)) from None
     ids = encode_prompts(tokenizer, texts, context=context)
-    budgets = [min(config.max_new_tokens, context - len(r)) if context else config.max_new_tokens for r in ids]
+    budgets = [token_budget(config.max_new_tokens, len(r), context) for r in ids]
 
     device = _device_of(model)
-    eos = _eos_ids(model, tokenizer)
-    pad = _pad_id(tokenizer, eos)
-    gen = None
-    if not config.greedy:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(config.seed))
+    sampler = Sampler.of(config, device)  # one generator for the whole call, as the rows were drawn before
     result = GenerationResult([""] * n, [0] * n, ["length"] * n, [0.0] * n, 0.0, [[] for _ in range(n)])
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc="generate", unit="req", file=sys.stderr, leave=False)
+    decoder = Decoder(model, tokenizer, handle, config, _ResultSink(result, t0, stream, bar))
+    for i in range(n):
+        decoder.add(i, DecodeRow(ids[i], budgets[i], None if gates is None else gates[i], config.stop_strings,
+                                 sampler, stream=stream is not None))
 
     # Longest prompts first: the largest batch (in memory) runs first, so a size problem shows at once.
     order = sorted(range(n), key=lambda i: -len(ids[i]))
@@ -420,14 +508,15 @@ def generate_detailed(
     model.eval()
     previous_gates = handle.state.gates if handle is not None else None
     try:
-        _Decoder(model, tokenizer, ids, budgets, gates, handle, config, gen, device, eos, pad, result, t0, stream,
-                 bar).run(order)
+        decoder.run(order)
     finally:
         if handle is not None:
             handle.state.gates = previous_gates
         model.train(was_training)
         if bar is not None:
             bar.close()
+    result.batches, result.forward_calls = len(decoder.admissions), decoder.forward_calls
+    result.extra["admissions"] = decoder.admissions
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -483,8 +572,8 @@ def _last_position_logits(model, input_ids, mask, positions, cache) -> torch.Ten
     return model.get_output_embeddings()(hidden[:, -1].contiguous())
 
 
-def _prefill(model, rows, ids, g, handle, pad, device, result: GenerationResult):
-    """Run the prompts of one batch (rows sorted by decreasing length) into a KV cache.
+def _prefill(model, prompts: list[list[int]], g, handle, pad, device):
+    """Run the prompts of one batch (sorted by decreasing length) into a KV cache.
 
     Prompts of similar length are prefilled together (``_prefill_chunks``), each run padded only to
     its own longest prompt; the runs' caches are then left-padded to the batch's longest prompt
@@ -492,34 +581,34 @@ def _prefill(model, rows, ids, g, handle, pad, device, result: GenerationResult)
     attention mask, so the result is the one-big-batch result without its padding work.
 
     Returns:
-        ``(cache, logits (b, V) at each prompt's last position, mask (b, L), last positions (b,))``.
+        ``(cache, logits (b, V) at each prompt's last position, mask (b, L), last positions (b,),
+        forward calls made)``.
     """
     from transformers import DynamicCache
 
-    lengths = [len(ids[r]) for r in rows]
+    lengths = [len(ids) for ids in prompts]
     width = lengths[0]
-    chunks = _prefill_chunks(lengths) if len(rows) > 1 and _plain_dynamic_cache(model) else [(0, len(rows))]
+    chunks = _prefill_chunks(lengths) if len(prompts) > 1 and _plain_dynamic_cache(model) else [(0, len(prompts))]
     caches, logits, masks = [], [], []
     for lo, hi in chunks:
         w = lengths[lo]
         input_ids = torch.full((hi - lo, w), pad, dtype=torch.long)
         mask = torch.zeros((hi - lo, w), dtype=torch.long)
-        for j, r in enumerate(rows[lo:hi]):
-            input_ids[j, w - len(ids[r]) :] = torch.tensor(ids[r])
-            mask[j, w - len(ids[r]) :] = 1
+        for j, ids in enumerate(prompts[lo:hi]):
+            input_ids[j, w - len(ids) :] = torch.tensor(ids)
+            mask[j, w - len(ids) :] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # padding gets position 0; it is masked anyway
         if handle is not None:
             handle.set_gates(None if g is None else g[lo:hi])  # None or all-zero rows: the frozen student
         cache = DynamicCache(config=model.config)
         logits.append(_last_position_logits(model, input_ids, mask, positions, cache))
-        result.forward_calls += 1
         caches.append(cache)
         masks.append(torch.nn.functional.pad(mask, (width - w, 0)))
     mask = torch.cat(masks)
     last_pos = torch.tensor([n - 1 for n in lengths], device=device)
     if len(caches) == 1:
-        return caches[0], logits[0], mask, last_pos
+        return caches[0], logits[0], mask, last_pos, 1
     merged = DynamicCache(config=model.config)
     for layer in range(len(caches[0].layers)):
         keys, values = [], []
@@ -529,7 +618,7 @@ def _prefill(model, rows, ids, g, handle, pad, device, result: GenerationResult)
             values.append(torch.nn.functional.pad(c.layers[layer].values, (0, 0, left, 0)))
             c.layers[layer].keys = c.layers[layer].values = None  # free as we go
         merged.update(torch.cat(keys), torch.cat(values), layer)
-    return merged, torch.cat(logits), mask, last_pos
+    return merged, torch.cat(logits), mask, last_pos, len(chunks)
 
 
 def _penalise_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -610,62 +699,155 @@ def _keep(run: _Running, keep: list[int]) -> _Running:
                     pick(run.g), pick(run.seen))
 
 
-class _Decoder:
-    """Continuous batching over one call's requests: a running batch of at most ``batch_size`` rows
-    decodes one token per forward; finished rows leave at once, and waiting requests are prefilled
-    and join the running batch (their KV rows and gate rows stacked onto it) as soon as
-    ``ADMIT_FRACTION`` of the slots are free, so the batch stays full instead of draining.
+@dataclass
+class DecodeRow:
+    """One sequence for the :class:`Decoder`: what it needs from its request.
 
-    Phases: :meth:`admit` (prefill and join), :meth:`pick` (sample, decide who finished),
-    :meth:`retire` (record finished requests, drop their rows), :meth:`forward` (one token each).
+    Attributes:
+        ids: the prompt's token ids.
+        budget: generated tokens at most (``token_budget``).
+        gate: (E,) gate row, or None without experts.
+        stops: stop strings; the text up to and including the first one is the result.
+        sampler: how the row picks its tokens (rows of one request share one).
+        stream: report the row's text as it grows (``DecodeSink.text``).
     """
 
-    def __init__(self, model, tokenizer, ids, budgets, gates, handle, config, gen, device, eos, pad, result,
-                 t0, stream, bar):
-        self.model, self.tokenizer, self.ids, self.budgets = model, tokenizer, ids, budgets
-        self.gates, self.handle, self.config, self.gen = gates, handle, config, gen
-        self.device, self.pad, self.result, self.t0, self.stream, self.bar = device, pad, result, t0, stream, bar
+    ids: list[int]
+    budget: int
+    gate: torch.Tensor | None
+    stops: tuple[str, ...]
+    sampler: Sampler
+    stream: bool = False
+
+
+class DecodeSink(Protocol):
+    """Where a :class:`Decoder` reports its rows' progress (from the thread that runs it)."""
+
+    def first_token(self, row: int, at: float) -> None:
+        """The row's first token was picked at ``time.perf_counter()`` value ``at``."""
+
+    def text(self, row: int, piece: str) -> None:
+        """New text of a streaming row (never taken back later)."""
+
+    def finished(self, row: int, text: str, tokens: list[int], reason: str) -> None:
+        """The row ended: its text, its token ids and one of ``FINISH_REASONS``."""
+
+
+class _ResultSink:
+    """The sink of :func:`generate_detailed`: fills a :class:`GenerationResult` by request index."""
+
+    def __init__(self, result: GenerationResult, t0: float, stream, bar):
+        self.result, self.t0, self.stream, self.bar = result, t0, stream, bar
+
+    def first_token(self, row: int, at: float) -> None:
+        self.result.first_token_s[row] = at - self.t0
+
+    def text(self, row: int, piece: str) -> None:
+        self.stream(piece)
+
+    def finished(self, row: int, text: str, tokens: list[int], reason: str) -> None:
+        r = self.result
+        r.texts[row], r.num_tokens[row], r.finish_reasons[row], r.token_ids[row] = text, len(tokens), reason, tokens
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def token_budget(max_new_tokens: int, prompt_tokens: int, context: int | None) -> int:
+    """Generated tokens a request may have: ``max_new_tokens``, capped by what the context leaves."""
+    return min(max_new_tokens, context - prompt_tokens) if context else max_new_tokens
+
+
+class Decoder:
+    """Continuous batching: a running batch of rows decodes one token per forward; finished rows leave
+    at once, and new rows are prefilled and join the running batch (their KV rows and gate rows
+    stacked onto it) at any step, so the batch stays full instead of draining.
+
+    The decoder is one state object driven step by step: :meth:`add` registers a row, :meth:`step`
+    admits rows and decodes one token for every running row, :meth:`drop` takes rows out unfinished.
+    :meth:`run` is the offline schedule over a fixed list of rows (``generate_detailed``); a server
+    calls :meth:`step` with whatever arrived since the last step. Within a step the phases are
+    :meth:`admit` (prefill and join), :meth:`pick` (sample, decide who finished), :meth:`retire`
+    (report finished rows, drop them) and :meth:`forward` (one token each).
+
+    Decoding settings that act on the whole batch (EOS, repetition penalty, answer and loop stops)
+    come from ``config``; the rest is per row (:class:`DecodeRow`).
+    """
+
+    def __init__(self, model, tokenizer, handle: MixtureHandle | None, config: GenerationConfig, sink: DecodeSink):
+        self.model, self.tokenizer, self.handle, self.config, self.sink = model, tokenizer, handle, config, sink
+        self.device = _device_of(model)
+        eos = _eos_ids(model, tokenizer)
+        self.pad = _pad_id(tokenizer, eos)
         self.eos = set() if config.ignore_eos else eos
-        self.eos_index = torch.tensor(sorted(eos), device=device) if (eos and config.ignore_eos) else None
-        stops = config.stop_strings
-        self.stops = stops
-        self.window = (max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK) if stops else 0
+        self.eos_index = torch.tensor(sorted(eos), device=self.device) if (eos and config.ignore_eos) else None
         self.penalty = float(config.repetition_penalty)
+        self.rows: dict[int, DecodeRow] = {}
         self.tokens: dict[int, list[int]] = {}
-        self.emitted = 0  # characters already streamed
+        self.emitted: dict[int, int] = {}  # characters of each streaming row already reported
+        self.batch: _Running | None = None
         # Rows can join a running batch only where per-request caches stack (no sliding window).
         self.mergeable = config.continuous and _plain_dynamic_cache(model)
         self.cache_arg = _cache_kwarg(model)
+        self.forward_calls = 0
+        self.generated = 0  # tokens picked, EOS not counted
+        # One record per prefill: ``forward_calls`` up to and including it, rows ``joined``, distinct
+        # prompts ``prefilled`` for them, rows ``running`` already.
+        self.admissions: list[dict] = []
+
+    @property
+    def running(self) -> list[int]:
+        """The rows decoding now, in batch order."""
+        return [] if self.batch is None else list(self.batch.rows)
+
+    def can_join(self, rows: int) -> bool:
+        """Whether ``rows`` new rows may be admitted now: always into an empty batch; into a running
+        one only where caches stack and the batch stays within ``config.batch_size``."""
+        if self.batch is None:
+            return True
+        return self.mergeable and len(self.batch.rows) + rows <= self.config.batch_size
+
+    def add(self, r: int, row: DecodeRow) -> None:
+        """Register row ``r``; it starts decoding when a :meth:`step` admits it."""
+        self.rows[r] = row
 
     def run(self, order: list[int]) -> None:
-        queue, run = list(order), None
-        while queue or run is not None:
-            free = self.config.batch_size - (len(run.rows) if run else 0)
-            if queue and (run is None or (self.mergeable and free >= max(1, int(ADMIT_FRACTION * self.config.batch_size)))):
-                run = self.admit(run, queue[:free])
+        """Decode the registered rows ``order`` to the end: a new group joins once ``ADMIT_FRACTION`` of
+        the batch's slots are free (one prefill per few finished rows, not one per row)."""
+        queue = list(order)
+        while queue or self.batch is not None:
+            free = self.config.batch_size - len(self.running)
+            take: list[int] = []
+            if queue and (self.batch is None or (self.mergeable and free >= max(1, int(ADMIT_FRACTION * self.config.batch_size)))):
+                take = queue[:free]
                 del queue[:free]
-            nxt, finished = self.pick(run)
-            run, nxt = self.retire(run, nxt, finished)
-            if run is not None:
-                self.forward(run, nxt)
+            self.step(take)
 
-    def admit(self, run: _Running | None, rows: list[int]) -> _Running:
-        """Prefill ``rows`` (sorted by decreasing prompt length) and add them to the running batch."""
-        rows = sorted(rows, key=lambda r: -len(self.ids[r]))
+    def step(self, admit: Sequence[int] = ()) -> None:
+        """Admit rows ``admit`` (registered, not yet running), then one token for every running row."""
+        if admit:
+            self.admit(list(admit))
+        nxt, finished = self.pick()
+        nxt = self.retire(nxt, finished)
+        if self.batch is not None:
+            self.forward(nxt)
+
+    def admit(self, rows: list[int]) -> None:
+        """Prefill ``rows`` (longest prompt first) and add them to the running batch."""
+        rows = sorted(rows, key=lambda r: -len(self.rows[r].ids))
         g = None
-        if self.handle is not None and self.gates is not None:
-            g = self.gates[torch.tensor(rows)].to(self.device)  # (b, E)
+        if self.handle is not None and self.rows[rows[0]].gate is not None:
+            g = torch.stack([self.rows[r].gate for r in rows]).to(self.device)  # (b, E)
         # Requests with the same prompt and gate (n samples of one question) share one prefill: the
         # distinct ones run, then their cache rows, logits and positions are repeated per request.
-        keys = [(tuple(self.ids[r]), None if g is None else tuple(g[j].tolist())) for j, r in enumerate(rows)]
+        keys = [(tuple(self.rows[r].ids), None if g is None else tuple(g[j].tolist())) for j, r in enumerate(rows)]
         first = {}
         for j, k in enumerate(keys):
             first.setdefault(k, j)
         distinct = sorted(first.values())
         where = {k: distinct.index(j) for k, j in first.items()}
-        cache, logits, mask, last_pos = _prefill(self.model, [rows[j] for j in distinct], self.ids,
-                                                 None if g is None else g[distinct], self.handle, self.pad,
-                                                 self.device, self.result)
+        cache, logits, mask, last_pos, calls = _prefill(self.model, [self.rows[rows[j]].ids for j in distinct],
+                                                        None if g is None else g[distinct], self.handle, self.pad,
+                                                        self.device)
         if len(distinct) < len(rows):
             idx = torch.tensor([where[k] for k in keys], device=self.device)
             cache.reorder_cache(idx)  # index_select on the batch axis: repeated rows are copies
@@ -674,41 +856,43 @@ class _Decoder:
         new = _Running(list(rows), cache, mask, last_pos, logits, g, seen)
         for r in rows:
             self.tokens[r] = []
-        self.result.batches += 1
-        # step record: after how many forwards these requests joined, and how many rows were running
-        self.result.extra.setdefault("admissions", []).append(
-            {"forward_calls": self.result.forward_calls, "joined": len(rows), "prefilled": len(distinct),
-             "running": len(run.rows) if run else 0})
-        return new if run is None else _merge(run, new)
+        self.forward_calls += calls
+        self.admissions.append({"forward_calls": self.forward_calls, "joined": len(rows), "prefilled": len(distinct),
+                                "running": len(self.running)})
+        self.batch = new if self.batch is None else _merge(self.batch, new)
 
-    def pick(self, run: _Running) -> tuple[torch.Tensor, dict[int, str]]:
-        """Next token of every row and the requests that end with it (and why)."""
+    def pick(self) -> tuple[torch.Tensor, dict[int, str]]:
+        """Next token of every row and the rows that end with it (and why)."""
+        run = self.batch
         logits = run.logits
         if self.eos_index is not None:
             logits = logits.index_fill(-1, self.eos_index, float("-inf"))
         if run.seen is not None:
             logits = _penalise_repeats(logits, run.seen, self.penalty)
-        nxt = _next_tokens(logits, self.config, self.gen)  # (b,)
+        nxt = _pick_tokens(logits, [self.rows[r].sampler for r in run.rows])  # (b,)
         if run.seen is not None:
             run.seen.scatter_(1, nxt[:, None], True)
         picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
-        now = time.perf_counter() - self.t0
+        now = time.perf_counter()
         finished: dict[int, str] = {}
         for r, t in zip(run.rows, picked):
             toks = self.tokens[r]
             if not toks:  # this row's first token
-                self.result.first_token_s[r] = now
+                self.sink.first_token(r, now)
             if t in self.eos:
                 finished[r] = "eos"
                 continue
             toks.append(t)
-            if len(toks) >= self.budgets[r]:
+            if len(toks) >= self.rows[r].budget:
                 finished[r] = "length"
         live = [r for r, t in zip(run.rows, picked) if t not in self.eos]
-        if self.stops and live:
-            tails = self.tokenizer.batch_decode([self.tokens[r][-self.window:] for r in live], skip_special_tokens=True)
-            for r, tail in zip(live, tails):
-                if any(s in tail for s in self.stops):
+        self.generated += len(live)
+        stopping = [r for r in live if self.rows[r].stops]
+        if stopping:
+            tails = self.tokenizer.batch_decode([self.tokens[r][-_stop_window(self.rows[r].stops):] for r in stopping],
+                                                skip_special_tokens=True)
+            for r, tail in zip(stopping, tails):
+                if any(s in tail for s in self.rows[r].stops):
                     finished[r] = "stop"
         if self.config.stop_after_answer:
             check = [r for r in live if r not in finished]
@@ -724,66 +908,98 @@ class _Decoder:
                     finished[r] = "loop"
         return nxt, finished
 
-    def retire(self, run: _Running, nxt: torch.Tensor,
-               finished: dict[int, str]) -> tuple[_Running | None, torch.Tensor | None]:
-        """Record the finished requests' texts; the others' rows and their tokens ``nxt`` go on."""
-        result = self.result
+    def retire(self, nxt: torch.Tensor, finished: dict[int, str]) -> torch.Tensor | None:
+        """Report the finished rows and drop them; the tokens ``nxt`` of the rows that go on."""
+        texts = {}
         for r, why in finished.items():
-            toks = self.tokens[r]
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            text = self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
             if why == "stop":
-                cut = _stop_cut(text, self.stops)
+                cut = _stop_cut(text, self.rows[r].stops)
                 text = text if cut is None else text[:cut]
-            result.texts[r], result.num_tokens[r], result.finish_reasons[r] = text, len(toks), why
-            result.token_ids[r] = toks
-        if self.stream is not None:
-            self._stream(run.rows[0], finished)
-        if self.bar is not None and finished:
-            self.bar.update(len(finished))
+            texts[r] = text
+        for r in self.batch.rows:
+            if self.rows[r].stream:
+                self._stream(r, texts.get(r))
+        for r, why in finished.items():
+            self.sink.finished(r, texts[r], self.tokens[r], why)
         if not finished:
-            return run, nxt
-        keep = [j for j, r in enumerate(run.rows) if r not in finished]
+            return nxt
+        keep = [j for j, r in enumerate(self.batch.rows) if r not in finished]
+        self._forget(finished)
         if not keep:
-            return None, None
-        return _keep(run, keep), nxt[torch.tensor(keep, device=nxt.device)]
+            self.batch = None
+            return None
+        self.batch = _keep(self.batch, keep)
+        return nxt[torch.tensor(keep, device=nxt.device)]
 
-    def forward(self, run: _Running, nxt: torch.Tensor) -> None:
-        """Feed every row its token; ``run.logits`` becomes the logits of the token after it."""
+    def drop(self, rows: Sequence[int]) -> None:
+        """Take running rows out unfinished (their request was cancelled or timed out); nothing is reported."""
+        gone = set(rows)
+        keep = [j for j, r in enumerate(self.running) if r not in gone]
+        self._forget(gone)
+        self.batch = _keep(self.batch, keep) if keep else None
+
+    def forward(self, nxt: torch.Tensor) -> None:
+        """Feed every row its token; ``batch.logits`` becomes the logits of the token after it."""
+        run = self.batch
         if self.handle is not None:
             self.handle.set_gates(run.g)
         run.mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], dim=1)
         run.last_pos = run.last_pos + 1
         out = self.model(input_ids=nxt[:, None], attention_mask=run.mask, position_ids=run.last_pos[:, None],
                          use_cache=True, **{self.cache_arg: run.cache})
-        self.result.forward_calls += 1
+        self.forward_calls += 1
         run.logits = out.logits[:, -1, :]
 
-    def _stream(self, r: int, finished: dict[int, str]) -> None:
-        if r in finished:
-            text = self.result.texts[r]
-        else:
+    def _forget(self, rows) -> None:
+        for r in rows:
+            self.rows.pop(r, None)
+            self.tokens.pop(r, None)
+            self.emitted.pop(r, None)
+
+    def _stream(self, r: int, final: str | None) -> None:
+        """Report the new part of row ``r``'s text; ``final`` is its whole text once it has finished."""
+        text = final
+        if text is None:
             text = self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
             # Hold back a half-decoded multi-byte character, and any tail that could still grow
             # into a stop string, so that nothing streamed is later cut away.
             text = text.rstrip("\ufffd")
-            hold = max((len(s) - 1 for s in self.stops), default=0)
-            text = text[: max(self.emitted, len(text) - hold)] if hold else text
-        if len(text) > self.emitted:
-            self.stream(text[self.emitted:])
-            self.emitted = len(text)
+            hold = max((len(s) - 1 for s in self.rows[r].stops), default=0)
+            emitted = self.emitted.get(r, 0)
+            text = text[: max(emitted, len(text) - hold)] if hold else text
+        emitted = self.emitted.get(r, 0)
+        if len(text) > emitted:
+            self.sink.text(r, text[emitted:])
+            self.emitted[r] = len(text)
+
+
+def _stop_window(stops: Sequence[str]) -> int:
+    """Tokens decoded from a row's tail to look for its stop strings: the longest one's bytes (a token
+    holds at least one byte) plus ``_STOP_WINDOW_SLACK``."""
+    return max(len(s.encode("utf-8")) for s in stops) + _STOP_WINDOW_SLACK
 
 
 __all__ = [
     "FINISH_REASONS",
+    "DecodeRow",
+    "DecodeSink",
+    "Decoder",
     "GenerationConfig",
     "GenerationError",
     "GenerationResult",
     "PromptError",
+    "Sampler",
+    "Selection",
     "answer_complete",
     "encode_prompts",
+    "frozen_selection",
     "generate",
     "generate_detailed",
     "is_looping",
+    "mixture_selection",
     "model_context_length",
     "parse_expert_spec",
+    "spec_selection",
+    "token_budget",
 ]
