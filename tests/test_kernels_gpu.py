@@ -69,7 +69,7 @@ def test_decode_and_prefill_get_different_tiles(monkeypatch):
     # full tuning here, on shapes no other test uses (the autotuner caches per shape)
     monkeypatch.setenv("MODECOTD_TRITON_TUNE", "full")
     from modecotd_engine.kernels import lora_mixture
-    from modecotd_engine.kernels.triton_lora import _lora_fused_gemm_kernel
+    from modecotd_engine.kernels.triton_fused_gemm import _lora_fused_gemm_kernel
 
     chosen = {}
     for t in (8, 4096):

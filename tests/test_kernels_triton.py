@@ -23,8 +23,8 @@ if ON_CUDA:
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 # The interpreter has no bfloat16 arithmetic; the compiled kernels do.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
-# Fallback table (STYLE.md): fp32 1e-4/1e-5 and bf16 5e-2/2e-2; fp16 carries 3 more mantissa bits
-# than bf16, so its row is bf16's divided by 8.
+# Fallback table (as in flash-attention's and Liger's tests): fp32 1e-4/1e-5 and bf16 5e-2/2e-2; fp16
+# carries 3 more mantissa bits than bf16, so its row is bf16's divided by 8.
 FALLBACK = {
     torch.float32: (1e-4, 1e-5),
     torch.float16: (6e-3, 2.5e-3),

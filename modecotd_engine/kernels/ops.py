@@ -14,16 +14,13 @@ from collections.abc import Mapping
 
 import torch
 
-from .reference import MODES, lora_mixture_torch, single_expert_lora_torch
+from .args import MAX_EXPERTS, MAX_RANK, MODES, TRITON_DTYPES, check_mixture_args  # noqa: F401 - re-exported
+from .reference import lora_mixture_torch, single_expert_lora_torch
 
 log = logging.getLogger("modecotd_engine.kernels")
 
 BACKENDS = ("auto", "torch", "triton")
-MAX_EXPERTS = 64
-MAX_RANK = 128
 _logged_auto: set[str] = set()
-# What the Triton kernels compute in; other dtypes (float64) stay on the torch path.
-TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -37,52 +34,6 @@ class UnsupportedDtypeError(BackendUnavailableError, ValueError):
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
-def check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode) -> None:
-    """Validate shapes, dtypes and devices; raise ValueError naming the offending tensor."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., K)")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (N, K), got shape {tuple(weight.shape)}")
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"x has last dim {x.shape[-1]} but weight is (N={n}, K={k})")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must be (N,)=({n},), got {tuple(bias.shape)}")
-    if lora_a.dim() != 3 or lora_a.shape[2] != k:
-        raise ValueError(f"lora_a must be (E, r, K={k}), got {tuple(lora_a.shape)}")
-    e, r, _ = lora_a.shape
-    if tuple(lora_b.shape) != (e, n, r):
-        raise ValueError(f"lora_b must be (E={e}, N={n}, r={r}), got {tuple(lora_b.shape)}")
-    if not 1 <= e <= MAX_EXPERTS:
-        raise ValueError(f"number of experts E={e} outside the supported range 1..{MAX_EXPERTS}")
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"rank r={r} outside the supported range 1..{MAX_RANK}")
-    if gates.shape[-1] != e:
-        raise ValueError(f"gates must end in E={e}, got shape {tuple(gates.shape)}")
-    if tuple(gates.shape[:-1]) != tuple(x.shape[:-1]):
-        raise ValueError(
-            f"gates {tuple(gates.shape)} must have x's leading dims {tuple(x.shape[:-1])} + (E,)"
-        )
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "gates": gates}
-    if bias is not None:
-        named["bias"] = bias
-    devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) != 1:
-        raise ValueError(f"all tensors must be on one device, got {devices}")
-    for name, t in named.items():
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise ValueError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-    if lora_a.dtype != lora_b.dtype:
-        raise ValueError(f"lora_a dtype {lora_a.dtype} differs from lora_b dtype {lora_b.dtype}")
-    if not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a Python number, got {type(scale).__name__}")
 
 
 def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, torch.Tensor | None] | None = None,

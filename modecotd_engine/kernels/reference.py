@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("output", "weight")
+from .args import MODES
 
 
 def lora_mixture_loop(
@@ -90,7 +90,7 @@ def lora_mixture_loop(
     return y
 
 
-def _cat_b(lora_b: torch.Tensor) -> torch.Tensor:
+def cat_b(lora_b: torch.Tensor) -> torch.Tensor:
     """(E, N, r) -> B_cat (N, E*r) with block e equal to B_e."""
     num_experts, n, r = lora_b.shape
     return lora_b.permute(1, 0, 2).reshape(n, num_experts * r)
@@ -125,8 +125,8 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
                     y.index_add_(0, rows, ht @ lora_b[e].t())
         else:
             h = (x2 @ lora_a.reshape(num_experts * r, k).t()).view(-1, num_experts, r)  # (T, E, r)
-            ht = _mix(h, g2, scale, mode)
-            y.addmm_(ht.reshape(-1, num_experts * r), _cat_b(lora_b).t())
+            ht = h_tilde(h, g2, scale, mode)
+            y.addmm_(ht.reshape(-1, num_experts * r), cat_b(lora_b).t())
         ctx.save_for_backward(x2, weight, lora_a, lora_b, g2)
         ctx.scale, ctx.mode, ctx.sparse, ctx.has_bias = scale, mode, sparse, bias is not None
         ctx.plan = plan  # the backward reuses the rows of each active expert
@@ -166,7 +166,7 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
                     da[e] = dh.t() @ xe
         else:
             h = (x2 @ lora_a.reshape(num_experts * r, k).t()).view(-1, num_experts, r)  # recompute
-            dht = (dy2 @ _cat_b(lora_b)).view(-1, num_experts, r)  # (T, E, r)
+            dht = (dy2 @ cat_b(lora_b)).view(-1, num_experts, r)  # (T, E, r)
             if mode == "output":
                 dh = dht * (scale * g2).unsqueeze(-1)
                 if need_g:
@@ -180,7 +180,7 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
             if need_x:
                 dx.addmm_(dh.reshape(-1, num_experts * r), lora_a.reshape(num_experts * r, k))
             if need_bb:
-                ht = _mix(h, g2, scale, mode)
+                ht = h_tilde(h, g2, scale, mode)
                 db = torch.einsum("tn,ter->enr", dy2, ht)
             if need_a:
                 da = torch.einsum("ter,tk->erk", dh, x2)
@@ -191,7 +191,7 @@ class LoraMixtureTorchFunction(torch.autograd.Function):
         return dx, dw, dbias, da, db, dg, None, None
 
 
-def _mix(h: torch.Tensor, g2: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
+def h_tilde(h: torch.Tensor, g2: torch.Tensor, scale: float, mode: str) -> torch.Tensor:
     """H~ from H (T, E, r) and G (T, E)."""
     if mode == "output":
         return h * (scale * g2).unsqueeze(-1)

@@ -8,8 +8,9 @@ One target linear layer: frozen ``W`` (N, K), optional bias ``b``, E experts ``A
     G_t = softmax(z_t restricted to its k largest entries), 0 elsewhere      (top_k = k)
     y_t = lora_mixture(x_t; G_t)                 output or weight composition (see reference.py)
 
-Grouped form (DESIGN.md item 5): the router's E rows are appended to ``A_cat``, so ONE shrink GEMM
-against ``[A_cat; R]`` (E*r + E, K) yields both ``H`` (T, E*r) and the logits ``Z`` (T, E)::
+Grouped form: the router is treated as E more rows of the experts' down projection. Its E rows are
+appended to ``A_cat``, so ONE shrink GEMM against ``[A_cat; R]`` (E*r + E, K) yields both ``H``
+(T, E*r) and the logits ``Z`` (T, E), and X is read once for both::
 
     [H | Z] = X [A_cat; R]^T
     G       = softmax / top-k of Z               (the epilogue)
@@ -39,7 +40,8 @@ Two implementations live here:
   path :func:`routed_lora_mixture` takes for ``backend="torch"`` (any device).
 
 The fused Triton kernels of the same math live in :mod:`~modecotd_engine.kernels.triton_router`
-(router shrink with the softmax/top-k epilogue, then the fused GEMMs of triton_lora.py).
+(router shrink with the softmax/top-k epilogue), with the fused GEMM of triton_fused_gemm.py and the
+backward kernels of triton_lora.py.
 ``backend="triton"`` takes them: it needs CUDA tensors (or ``TRITON_INTERPRET=1``, Triton's CPU
 interpreter, for tests) in float16, bfloat16 or float32, and raises BackendUnavailableError
 otherwise. ``backend="auto"`` takes Triton for CUDA tensors of those dtypes and the grouped torch
@@ -50,8 +52,9 @@ from __future__ import annotations
 
 import torch
 
-from .ops import check_mixture_args, resolve_backend
-from .reference import MODES, _cat_b, _mix, lora_mixture_loop
+from .args import MODES, check_mixture_args, check_router_args
+from .ops import resolve_backend
+from .reference import cat_b, h_tilde, lora_mixture_loop
 
 
 def _gates_from_logits(z: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -122,7 +125,7 @@ class RoutedLoraMixtureFunction(torch.autograd.Function):
         h = hz[:, :er].view(-1, num_experts, r)  # (T, E, r)
         g = _gates_from_logits(hz[:, er:], top_k)  # (T, E)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        y.addmm_(_mix(h, g, scale, mode).reshape(-1, er), _cat_b(lora_b).t())
+        y.addmm_(h_tilde(h, g, scale, mode).reshape(-1, er), cat_b(lora_b).t())
         # H is recomputed in backward (one GEMM) rather than kept: (T, E*r) per layer adds up over a model.
         ctx.save_for_backward(x2, weight, lora_a, lora_b, router, g)
         ctx.scale, ctx.mode, ctx.has_bias, ctx.lead = scale, mode, bias is not None, lead
@@ -139,7 +142,7 @@ class RoutedLoraMixtureFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb, need_r = ctx.needs_input_grad[:6]
         a_r = torch.cat([lora_a.reshape(er, k), router])  # (E*r + E, K)
         h = (x2 @ a_r[:er].t()).view(-1, num_experts, r)  # recompute H (T, E, r)
-        dht = (dy2 @ _cat_b(lora_b)).view(-1, num_experts, r)  # (T, E, r)
+        dht = (dy2 @ cat_b(lora_b)).view(-1, num_experts, r)  # (T, E, r)
         gu = g.unsqueeze(-1)
         if mode == "output":
             dh = dht * (scale * gu)
@@ -166,23 +169,9 @@ class RoutedLoraMixtureFunction(torch.autograd.Function):
             if need_r:
                 drouter = d_ar[er:]
         if need_bb:
-            db = torch.einsum("tn,ter->enr", dy2, _mix(h, g, scale, mode))
+            db = torch.einsum("tn,ter->enr", dy2, h_tilde(h, g, scale, mode))
         return dx, dw, dbias, da, db, drouter, None, None, None
 
-
-def check_router_args(router: torch.Tensor, lora_a: torch.Tensor, x: torch.Tensor, top_k: int) -> None:
-    """Validate the router against the experts and the input; raise ValueError naming the tensor."""
-    if lora_a.dim() != 3:
-        raise ValueError(f"lora_a must be (E, r, K), got {tuple(lora_a.shape)}")
-    e, _, k = lora_a.shape
-    if router.dim() != 2 or tuple(router.shape) != (e, k):
-        raise ValueError(f"router must be (E={e}, K={k}), got {tuple(router.shape)}")
-    if not router.is_floating_point():
-        raise ValueError(f"router must be a floating-point tensor, got {router.dtype}")
-    if router.device != x.device:
-        raise ValueError(f"router is on {router.device} but x is on {x.device}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= e:
-        raise ValueError(f"top_k must be an int in 0..E={e} (0 = dense softmax), got {top_k!r}")
 
 
 def routed_lora_mixture(

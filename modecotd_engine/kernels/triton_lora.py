@@ -12,8 +12,9 @@ Forward (two launches)::
 
 1. ``_lora_shrink_kernel`` writes ``H~`` (output mode) or ``P[t,e] = G[t,e] H[t,e]`` (weight mode, fp32;
    the expand step sums ``u = sum_e P_e`` and scales ``s G[t,e] u`` per expert block on the fly).
-2. ``_lora_fused_gemm_kernel`` accumulates ``X W^T`` and then the active experts' ``H~_e B_e^T`` into one
-   fp32 tile, adds the bias and writes Y once.
+2. ``_lora_fused_gemm_kernel`` (``triton_fused_gemm.py``, shared with the routed op) accumulates
+   ``X W^T`` and then the active experts' ``H~_e B_e^T`` into one fp32 tile, adds the bias and writes
+   Y once.
 
 Backward (``dH~ = dY B_cat``; W frozen)::
 
@@ -48,60 +49,34 @@ IEEE fp32 dots unless ``torch.backends.cuda.matmul.allow_tf32`` is set, matching
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .ops import TRITON_DTYPES
+from .triton_configs import (
+    bwd_shrink_configs,
+    prune_bwd_shrink,
+    prune_reduce,
+    prune_shrink,
+    reduce_configs,
+    shrink_configs,
+)
+from .triton_fused_gemm import AUTOTUNED_KERNELS as FUSED_GEMM_KERNELS
+from .triton_fused_gemm import launch_fused_gemm
+from .triton_utils import INTERPRET, alloc, check_supported, make_plan, rows_contiguous, t_bucket
 
-# Read once, like Triton itself does when the @triton.jit decorators below run.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_SUPPORTED_DTYPES = TRITON_DTYPES
-_MODES = ("output", "weight")
-
-# NOTE: tuning constants. Not yet timed on a GPU; they are starting points derived from the Triton
-# matmul tutorial's CUDA config list (H100-class tiles: 128x256x64 with 8 warps / 3 stages, 128x128x64
-# with 4 warps / 4 stages) and from tile arithmetic: shared memory = stages * (BM*BK + BK*BN) * bytes,
-# fp32 accumulators <= ~128 registers per thread. Every config below was compiled ahead of time for
-# sm_90 and sm_80 with Triton 3.9 (no GPU needed for that): all compile, the fused kernel's K loop is
-# software-pipelined into wgmma like a plain matmul's, and its shared memory matches the estimate.
-# `benchmarks/run_kernels.py` is where the timings get confirmed: the triton rows of its JSON name
-# the config the autotuner picked per kernel and shape. MODECOTD_TRITON_TUNE=quick (the GPU tests set
-# it) takes the first fitting config per shape instead of benchmarking 2-5 of them.
-#
-# Columns of one grouped low-rank tile (experts_per_tile * padded rank). 128 keeps the expand tail
-# tile (BM x 128 and 128 x BN) and the two backward-shrink accumulators within register/smem budgets.
-# The interpreter uses 32 so the small test shapes (E=3, r=5) exercise several expert groups.
-_GROUP_COLS = 32 if _INTERPRET else 128
-# Autotune key buckets for the token count: decode (<= 16), small batches, prefill / training.
-_T_BUCKETS = (16, 64, 256, 1024)
+# NOTE: the autotune tables and the evidence for them are in triton_configs.py.
 # Forward shrink split-K granule for decode-sized batches (T <= 64): K=4096 -> 4 splits of 1024,
 # K=2048 -> 4 of 512, K=1024 -> 2, K=576 -> 1. The interpreter's is smaller so that the tests'
 # K=70..100 exercise splits.
-_SPLIT_GRAIN = 16 if _INTERPRET else 256
-# Fallback shared-memory limit (bytes) when the driver cannot be asked (A100-class is 163 KiB).
-_SMEM_FALLBACK = 160 * 1024
+_SPLIT_GRAIN = 16 if INTERPRET else 256
 
 
 # ----------------------------------------------------------------------------------------------
 # @triton.jit helpers
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _swizzle(pid, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped program order: GROUP_M row tiles share the same column tiles while resident in L2."""
-    width = GROUP_M * num_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -138,224 +113,15 @@ def _project(
     return acc
 
 
-@triton.jit
-def _sum_splits(ptrs, mask, n_split, stride_split):
-    """Sum of the shrink's split-K partials (n_split == 1 outside decode) in fp32."""
-    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    for s in range(1, n_split):
-        acc += tl.load(ptrs + s * stride_split, mask=mask, other=0.0).to(tl.float32)
-    return acc
-
-
-# ----------------------------------------------------------------------------------------------
-# Autotune configs, pruned by shape
-# ----------------------------------------------------------------------------------------------
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def _t_bucket(t: int) -> int:
-    for b in _T_BUCKETS:
-        if t <= b:
-            return b
-    return 4096
-
-
-def _smem_limit() -> int:
-    try:
-        dev = torch.cuda.current_device()
-        return int(triton.runtime.driver.active.utils.get_device_properties(dev)["max_shared_mem"])
-    except Exception:  # no driver query available: be conservative
-        return _SMEM_FALLBACK
-
-
-def _cfg(num_warps: int, num_stages: int, **blocks) -> triton.Config:
-    # tl.dot needs every tile dimension >= 16 on GPUs; the interpreter would not catch a smaller one.
-    assert all(v >= 16 for k, v in blocks.items() if k.startswith("BLOCK")), blocks
-    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
-
-
-def _keep_fitting(configs, smem_of, limit):
-    """Drop configs whose shared-memory estimate exceeds the device; keep the smallest if none fit.
-
-    MODECOTD_TRITON_TUNE=quick keeps only the first survivor (test runs: one compile per kernel
-    and shape instead of 2-5; the default "full" benchmarks them all).
-    """
-    fitting = [c for c in configs if smem_of(c) <= limit] or [min(configs, key=smem_of)]
-    if os.environ.get("MODECOTD_TRITON_TUNE", "full") == "quick":
-        fitting = fitting[:1]
-    return fitting
-
-
-def _bucketed(table, names):
-    """Configs from {bucket: [(block sizes..., num_warps, num_stages)]}; each config remembers the
-    token buckets it is tried for, so one autotune key benchmarks only 2-5 candidates (every
-    candidate costs a compile on first use)."""
-    by_params: dict[tuple, triton.Config] = {}
-    for bucket, rows in table.items():
-        for row in rows:
-            if row not in by_params:
-                *blocks, warps, stages = row
-                by_params[row] = _cfg(warps, stages, **dict(zip(names, blocks)))
-                by_params[row].buckets = set()
-            by_params[row].buckets.add(bucket)
-    return list(by_params.values())
-
-
-def _for_bucket(configs, t_bucket):
-    return [c for c in configs if t_bucket in getattr(c, "buckets", (t_bucket,))] or list(configs)
-
-
-def _small_tiles_for_ieee(configs, prec, tile_elems, limit):
-    """IEEE fp32 dots run on FMA units: big tiles gain nothing there and compile for minutes
-    (a 128x128 fused tile took 128 s for sm_90 with Triton 3.9), so fp32 keeps the small ones."""
-    if prec != "ieee":
-        return configs
-    return [c for c in configs if tile_elems(c) <= limit] or [min(configs, key=tile_elems)]
-
-
-# Token buckets 1024 and 4096 share the prefill/training tiles.
-_LARGE = (1024, 4096)
-
-
-def _fused_configs():
-    # Under the interpreter the producers of the low-rank buffers (shrink kernels) use smaller row
-    # tiles than their consumers, as autotuned GPU configs may: tests then catch any consumer that
-    # reads a block its producer skipped (buffers are NaN-filled there, see _alloc).
-    if _INTERPRET:
-        return [_cfg(4, 1, BLOCK_M=32, BLOCK_C=64, BLOCK_D=32, GROUP_M=4)]
-    large = [(128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 64, 8, 8, 3),
-             (64, 256, 64, 8, 4, 4), (64, 64, 64, 8, 4, 2)]
-    table = {
-        # decode: one 16-row tile; narrow column tiles spread the weight read over all SMs
-        16: [(16, 64, 128, 8, 4, 4), (16, 32, 128, 8, 4, 4), (16, 128, 64, 8, 4, 4),
-             (16, 64, 256, 8, 4, 3)],
-        64: [(32, 64, 128, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)],
-        256: [(64, 128, 64, 8, 4, 4), (128, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 2)],
-        **{b: large for b in _LARGE},
-    }
-    return _bucketed(table, ("BLOCK_M", "BLOCK_C", "BLOCK_D", "GROUP_M"))
-
-
-def _prune_fused(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    c_len, d_len = named_args["C"], named_args["D"]
-    es = named_args["l_ptr"].element_size()
-    lora_cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    cand = _for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_C"] <= max(32, _next_pow2(c_len))
-            and c.kwargs["BLOCK_D"] <= max(32, _next_pow2(d_len))] or cand
-    cand = _small_tiles_for_ieee(cand, kwargs["PREC"],
-                                 lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_C"], 64 * 64)
-
-    def smem(c):
-        # The low-rank tail reuses the pipeline's buffers once the frozen K loop is done (checked by
-        # compiling for sm_90 with Triton 3.9: 128x256x64, 3 stages, bf16 -> 147,456 bytes).
-        bm, bc, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_D"]
-        return max(c.num_stages * (bm * bd + bd * bc), bm * lora_cols + lora_cols * bc) * es
-
-    return _keep_fitting(cand, smem, _smem_limit())
-
-
-def _shrink_configs():
-    if _INTERPRET:
-        return [_cfg(4, 1, BLOCK_M=16, BLOCK_K=32)]
-    large = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3)]
-    table = {
-        16: [(16, 128, 4, 4), (16, 256, 4, 3)],
-        64: [(32, 128, 4, 4), (64, 64, 4, 4)],
-        256: [(64, 64, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4)],
-        **{b: large for b in _LARGE},
-    }
-    return _bucketed(table, ("BLOCK_M", "BLOCK_K"))
-
-
-def _prune_shrink(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    es = named_args["x_ptr"].element_size()
-    cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    cand = _for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_K"] <= max(32, _next_pow2(named_args["K"]))] or cand
-    cand = _small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 64 * 128)
-
-    def smem(c):
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        return c.num_stages * (bm * bk + bk * cols) * es
-
-    return _keep_fitting(cand, smem, _smem_limit())
-
-
-def _bwd_shrink_configs():
-    if _INTERPRET:
-        return [_cfg(4, 1, BLOCK_M=16, BLOCK_D=32)]
-    # two (BM x 128) fp32 accumulators live at once: BM <= 64 keeps them in registers
-    large = [(64, 64, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)]
-    table = {
-        16: [(16, 128, 4, 4), (16, 64, 4, 4)],
-        64: [(32, 128, 4, 3), (32, 64, 4, 4)],
-        256: [(32, 128, 4, 3), (64, 64, 8, 3)],
-        **{b: large for b in _LARGE},
-    }
-    return _bucketed(table, ("BLOCK_M", "BLOCK_D"))
-
-
-def _prune_bwd_shrink(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    es = named_args["x_ptr"].element_size()
-    cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    d_max = max(named_args["N"], named_args["K"])
-    cand = _for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_D"] <= max(32, _next_pow2(d_max))] or cand
-    cand = _small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 32 * 128)
-
-    def smem(c):
-        bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
-        return c.num_stages * (bm * bd + bd * cols) * es
-
-    return _keep_fitting(cand, smem, _smem_limit())
-
-
-def _reduce_configs():
-    if _INTERPRET:
-        return [_cfg(4, 1, BLOCK_C=64, BLOCK_T=32)]
-    # few tokens: short token steps; many tokens: long steps amortise the gate check per step
-    small = [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 3)]
-    large = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
-    table = {16: small, 64: small, 256: [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-             **{b: large for b in _LARGE}}
-    return _bucketed(table, ("BLOCK_C", "BLOCK_T"))
-
-
-def _prune_reduce(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    es = named_args["big_ptr"].element_size()
-    cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    cand = _for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_C"] <= max(32, _next_pow2(named_args["C"]))] or cand
-    cand = _small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_C"] * cols, 64 * 128)
-
-    def smem(c):
-        bc, bt = c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"]
-        return c.num_stages * (bc * bt + bt * cols) * es
-
-    return _keep_fitting(cand, smem, _smem_limit())
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
 
 
 @triton.autotune(
-    configs=_shrink_configs(),
+    configs=shrink_configs(),
     key=["T_BUCKET", "K", "E", "R", "OUTPUT_MODE"],
-    prune_configs_by={"early_config_prune": _prune_shrink},
+    prune_configs_by={"early_config_prune": prune_shrink},
 )
 @triton.jit
 def _lora_shrink_kernel(
@@ -425,128 +191,9 @@ def _lora_shrink_kernel(
 
 
 @triton.autotune(
-    configs=_fused_configs(),
-    key=["T_BUCKET", "C", "D", "E", "R", "stride_r_d", "WEIGHT_MODE", "HAS_BIAS"],
-    prune_configs_by={"early_config_prune": _prune_fused},
-)
-@triton.jit
-def _lora_fused_gemm_kernel(
-    l_ptr,  # (T, D) left operand of the frozen GEMM: X (forward) or dY (dX)
-    r_ptr,  # frozen weight read as (D, C): W^T (forward) or W (dX)
-    lr_ptr,  # (S, T, E*R) low-rank left operand: H~ or P (forward, S K-split partials), dH (dX, S=1)
-    rr_ptr,  # stacked low-rank right factor, element (e, j, c): B[e, c, j] (forward) or A[e, j, c] (dX)
-    g_ptr,  # (T, E) gates
-    bias_ptr,  # (C,) bias, read only when HAS_BIAS
-    out_ptr,  # (T, C) output, written once
-    stride_l_t, stride_l_d,  # l strides
-    stride_r_d, stride_r_c,  # r strides (reduction, output column)
-    stride_lr_s, stride_lr_t,  # split and row strides of lr (expert block stride R, rank stride 1)
-    stride_rr_e, stride_rr_j, stride_rr_c,  # rr strides (expert, rank, output column)
-    stride_g_t, stride_g_e,  # gate strides
-    stride_bias,  # bias stride
-    stride_o_t, stride_o_c,  # output strides
-    T, C, D, E, R,  # sizes: tokens, output columns, frozen reduction, experts, rank
-    n_split,  # S: partial slabs of lr to sum
-    scale,  # s, used by weight mode's on-the-fly H~ = s*G*u
-    T_BUCKET,  # token-count bucket; autotune key only
-    HAS_BIAS: tl.constexpr,  # add bias_ptr
-    WEIGHT_MODE: tl.constexpr,  # lr holds P = G*H: expand with s*G[t,e]*u_t, u_t = sum_e P[t,e]
-    PREC: tl.constexpr,  # tl.dot input precision for fp32 inputs
-    BLOCK_R: tl.constexpr,  # padded rank (pow2 >= 16)
-    E_PAD: tl.constexpr,  # pow2 >= E, >= 2
-    EPT: tl.constexpr,  # experts per grouped expand step (pow2)
-    BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_C: tl.constexpr,  # output columns per program
-    BLOCK_D: tl.constexpr,  # frozen reduction step
-    GROUP_M: tl.constexpr,  # row tiles per L2 group
-):
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m, pid_c = _swizzle(pid, tl.cdiv(T, BLOCK_M), tl.cdiv(C, BLOCK_C), GROUP_M)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_ok = rows < T
-    col_ok = cols < C
-    dt = l_ptr.dtype.element_ty
-
-    # frozen part: X W^T (or dY W), the bulk of the FLOPs
-    offs_d = tl.arange(0, BLOCK_D)
-    l_ptrs = l_ptr + rows[:, None] * stride_l_t + offs_d[None, :] * stride_l_d
-    r_ptrs = r_ptr + offs_d[:, None] * stride_r_d + cols[None, :] * stride_r_c
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for d in range(0, D, BLOCK_D):
-        d_ok = offs_d < D - d
-        a = tl.load(l_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        b = tl.load(r_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
-        l_ptrs += BLOCK_D * stride_l_d
-        r_ptrs += BLOCK_D * stride_r_d
-
-    # low-rank part: the rest of the concatenated reduction axis, into the same accumulator
-    offs_j = tl.arange(0, BLOCK_R)
-    j_ok = offs_j < R
-    if WEIGHT_MODE:
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for e in range(0, E):
-            g_u = tl.load(g_ptr + rows * stride_g_t + e * stride_g_e, mask=row_ok, other=0.0)
-            nz = g_u.to(tl.float32) != 0.0
-            if tl.max(nz.to(tl.int32), axis=0) > 0:
-                u += _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (e * R + offs_j)[None, :],
-                                 (row_ok & nz)[:, None] & j_ok[None, :], n_split, stride_lr_s)
-        for e in range(0, E):
-            g_e = tl.load(g_ptr + rows * stride_g_t + e * stride_g_e, mask=row_ok,
-                          other=0.0).to(tl.float32)
-            if tl.max((g_e != 0.0).to(tl.int32), axis=0) > 0:
-                w = tl.load(rr_ptr + e * stride_rr_e + offs_j[:, None] * stride_rr_j
-                            + cols[None, :] * stride_rr_c,
-                            mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-                ht = (u * (scale * g_e)[:, None]).to(dt)  # H~ = s*G*u, rounded like the torch path
-                acc = tl.dot(ht, w.to(dt), acc, input_precision=PREC)
-    else:
-        offs_e = tl.arange(0, E_PAD)
-        g_all = tl.load(g_ptr + rows[:, None] * stride_g_t + offs_e[None, :] * stride_g_e,
-                        mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
-        e_act = tl.max((g_all != 0.0).to(tl.int32), axis=0)  # (E_PAD,)
-        n_act = tl.sum(e_act, axis=0)
-        if n_act == 1:
-            e1 = tl.sum(e_act * offs_e, axis=0).to(tl.int64)
-            g1 = tl.load(g_ptr + rows * stride_g_t + e1 * stride_g_e, mask=row_ok, other=0.0)
-            h = _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (e1 * R + offs_j)[None, :],
-                            (row_ok & (g1.to(tl.float32) != 0.0))[:, None] & j_ok[None, :],
-                            n_split, stride_lr_s)
-            w = tl.load(rr_ptr + e1 * stride_rr_e + offs_j[:, None] * stride_rr_j
-                        + cols[None, :] * stride_rr_c,
-                        mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
-        elif n_act > 1:
-            offs_g = tl.arange(0, EPT * BLOCK_R)
-            gj = offs_g % BLOCK_R
-            for e0 in range(0, E, EPT):
-                ce = (e0 + offs_g // BLOCK_R).to(tl.int64)  # (EPT*BLOCK_R,)
-                ce_in = ce < E
-                g2 = tl.load(g_ptr + rows[:, None] * stride_g_t + ce[None, :] * stride_g_e,
-                             mask=row_ok[:, None] & ce_in[None, :], other=0.0).to(tl.float32)
-                nz = g2 != 0.0
-                c_act = tl.max(nz.to(tl.int32), axis=0) > 0
-                if tl.sum(c_act.to(tl.int32), axis=0) > 0:
-                    c_ok = ce_in & (gj < R)
-                    h = _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (ce * R + gj)[None, :],
-                                    nz & c_ok[None, :], n_split, stride_lr_s)
-                    w = tl.load(rr_ptr + ce[:, None] * stride_rr_e + gj[:, None] * stride_rr_j
-                                + cols[None, :] * stride_rr_c,
-                                mask=(c_ok & c_act)[:, None] & col_ok[None, :], other=0.0)
-                    acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
-
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_o_t + cols[None, :] * stride_o_c,
-             acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-@triton.autotune(
-    configs=_bwd_shrink_configs(),
+    configs=bwd_shrink_configs(),
     key=["T_BUCKET", "N", "K", "E", "R", "WEIGHT_MODE", "COMPUTE_ALL", "DH_OUT", "H_OUT", "DG_OUT"],
-    prune_configs_by={"early_config_prune": _prune_bwd_shrink},
+    prune_configs_by={"early_config_prune": prune_bwd_shrink},
 )
 @triton.jit
 def _lora_bwd_shrink_kernel(
@@ -711,9 +358,9 @@ def _lora_weight_combine_kernel(
 
 
 @triton.autotune(
-    configs=_reduce_configs(),
+    configs=reduce_configs(),
     key=["T_BUCKET", "C", "E", "R", "stride_big_c"],
-    prune_configs_by={"early_config_prune": _prune_reduce},
+    prune_configs_by={"early_config_prune": prune_reduce},
 )
 @triton.jit
 def _lora_token_reduce_kernel(
@@ -773,17 +420,6 @@ def _lora_token_reduce_kernel(
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """Launch constants shared by the kernels of one call."""
-
-    block_r: int  # padded rank (pow2 >= 16)
-    ept: int  # experts per grouped tile
-    e_pad: int  # pow2 >= E, >= 2
-    prec: str  # tl.dot input precision
-    t_bucket: int  # autotune key bucket of T
-
-
-@dataclass(frozen=True)
 class GradNeeds:
     """Which gradients the backward launcher must produce."""
 
@@ -802,61 +438,10 @@ def _k_per_split(t: int, k: int) -> int:
     partials, so more splits would trade the chain for L2 traffic. On GPUs splits are multiples
     of 256, so each starts on a tile boundary of every BLOCK_K in the configs.
     """
-    if _t_bucket(t) > 64:
+    if t_bucket(t) > 64:
         return max(k, 1)
     n_split = max(1, min(4, k // (2 * _SPLIT_GRAIN)))
     return triton.cdiv(triton.cdiv(k, n_split), _SPLIT_GRAIN) * _SPLIT_GRAIN
-
-
-def _plan(t: int, num_experts: int, rank: int, dtype: torch.dtype) -> _Plan:
-    block_r = max(16, _next_pow2(rank))
-    ept = max(1, min(_next_pow2(num_experts), _GROUP_COLS // block_r))
-    prec = "tf32"
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        prec = "ieee"  # torch's fp32 matmul is full fp32 unless TF32 is allowed
-    return _Plan(block_r, ept, max(2, _next_pow2(num_experts)), prec, _t_bucket(t))
-
-
-def _check_supported(x, weight, bias, lora_a, lora_b, gates, mode) -> None:
-    """Raise ValueError for inputs these kernels cannot serve (shapes are checked by the caller)."""
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "gates": gates}
-    if bias is not None:
-        named["bias"] = bias
-    for name, t in named.items():
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(
-                f"triton backend: {name} has dtype {t.dtype}; supported are float16, bfloat16 and "
-                "float32 (use backend='torch' for other dtypes)"
-            )
-        if _INTERPRET and t.dtype == torch.bfloat16:
-            raise ValueError(
-                f"triton backend: {name} is bfloat16, which Triton's CPU interpreter cannot compute "
-                "(TRITON_INTERPRET=1); use float16/float32 there or run on CUDA"
-            )
-        if t.device.type != "cuda" and not _INTERPRET:
-            raise ValueError(
-                f"triton backend: {name} is on {t.device}; the kernels need CUDA tensors "
-                "(or TRITON_INTERPRET=1 set before import for the CPU interpreter)"
-            )
-    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"triton backend: weight/bias dtype must equal x dtype {x.dtype}")
-    if x.dim() != 2 or gates.dim() != 2:
-        raise ValueError("triton launchers take 2-D x (T, K) and gates (T, E); flatten leading dims first")
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Uninitialised buffer; NaN-filled under the interpreter so a read of an unwritten element
-    (a gate-mask mismatch between producer and consumer tiles) poisons the result in tests."""
-    if _INTERPRET:
-        return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
-    """Unit stride along the last dim keeps the big operand loads vectorised; copy only if needed."""
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def lora_mixture_fwd(
@@ -883,21 +468,21 @@ def lora_mixture_fwd(
     Returns:
         (T, N) in x's dtype.
     """
-    _check_supported(x, weight, bias, lora_a, lora_b, gates, mode)
-    x = _rows_contiguous(x)
+    check_supported(x, weight, bias, lora_a, lora_b, gates, mode)
+    x = rows_contiguous(x)
     t_len, k_len = x.shape
     n_len = weight.shape[0]
     num_experts, rank, _ = lora_a.shape
-    out = _alloc((t_len, n_len), dtype=x.dtype, device=x.device)
+    out = alloc((t_len, n_len), dtype=x.dtype, device=x.device)
     if t_len == 0 or n_len == 0:
         return out
-    plan = _plan(t_len, num_experts, rank, x.dtype)
+    plan = make_plan(t_len, num_experts, rank, x.dtype)
     weight_mode = mode == "weight"
     k_per_split = _k_per_split(t_len, k_len)
     n_split = triton.cdiv(k_len, k_per_split) if k_len > 0 else 1
     # Partials of a K split, and weight mode's P = G*H, stay fp32 until they are summed.
-    hbuf = _alloc((n_split, t_len, num_experts * rank), device=x.device,
-                  dtype=torch.float32 if (weight_mode or n_split > 1) else x.dtype)
+    hbuf = alloc((n_split, t_len, num_experts * rank), device=x.device,
+                 dtype=torch.float32 if (weight_mode or n_split > 1) else x.dtype)
     n_groups = triton.cdiv(num_experts, plan.ept)
 
     _lora_shrink_kernel[lambda meta: (triton.cdiv(t_len, meta["BLOCK_M"]) * n_groups * n_split,)](
@@ -909,7 +494,7 @@ def lora_mixture_fwd(
         t_len, k_len, num_experts, rank, n_split, max(k_per_split, 1), scale, plan.t_bucket,
         OUTPUT_MODE=not weight_mode, PREC=plan.prec, BLOCK_R=plan.block_r, EPT=plan.ept,
     )
-    _launch_fused_gemm(
+    launch_fused_gemm(
         left=x, right=weight, right_strides=(weight.stride(1), weight.stride(0)),
         lowrank=hbuf, factor=lora_b,
         factor_strides=(lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
@@ -918,34 +503,7 @@ def lora_mixture_fwd(
     return out
 
 
-def _launch_fused_gemm(*, left, right, right_strides, lowrank, factor, factor_strides, gates, bias,
-                       out, scale, weight_mode, plan):
-    """out = left @ right(D, C) + lowrank-part (+ bias): forward Y or backward dX."""
-    t_len, d_len = left.shape
-    c_len = out.shape[1]
-    num_experts = gates.shape[1]
-    if lowrank.dim() == 2:
-        lowrank = lowrank.unsqueeze(0)  # (S=1, T, E*R)
-    rank = lowrank.shape[2] // num_experts
-    bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
-    _lora_fused_gemm_kernel[
-        lambda meta: (triton.cdiv(t_len, meta["BLOCK_M"]) * triton.cdiv(c_len, meta["BLOCK_C"]),)
-    ](
-        left, right, lowrank, factor, gates, bias_arg, out,
-        left.stride(0), left.stride(1),
-        right_strides[0], right_strides[1],
-        lowrank.stride(0), lowrank.stride(1),
-        factor_strides[0], factor_strides[1], factor_strides[2],
-        gates.stride(0), gates.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        out.stride(0), out.stride(1),
-        t_len, c_len, d_len, num_experts, rank, lowrank.shape[0], scale, plan.t_bucket,
-        HAS_BIAS=bias is not None, WEIGHT_MODE=weight_mode, PREC=plan.prec,
-        BLOCK_R=plan.block_r, E_PAD=plan.e_pad, EPT=plan.ept,
-    )
-
-
-def _launch_token_reduce(*, big, small, gates, out, out_strides, plan):
+def launch_token_reduce(*, big, small, gates, out, out_strides, plan):
     """out[e, c, j] = sum_t big[t, c] small[t, e, j] over tokens with a nonzero gate."""
     t_len, c_len = big.shape
     num_experts = gates.shape[1]
@@ -990,23 +548,23 @@ def lora_mixture_bwd(
         (dx (T, K) in x's dtype, da (E, r, K) in lora_a's dtype, db (E, N, r) in lora_b's dtype,
         dg (T, E) in gates' dtype), None where not needed.
     """
-    _check_supported(x, weight, None, lora_a, lora_b, gates, mode)
-    x = _rows_contiguous(x)
-    dy = _rows_contiguous(dy.to(x.dtype))
+    check_supported(x, weight, None, lora_a, lora_b, gates, mode)
+    x = rows_contiguous(x)
+    dy = rows_contiguous(dy.to(x.dtype))
     t_len, k_len = x.shape
     n_len = weight.shape[0]
     if tuple(dy.shape) != (t_len, n_len):
         raise ValueError(f"dy must be (T, N)=({t_len}, {n_len}), got {tuple(dy.shape)}")
     num_experts, rank, _ = lora_a.shape
     dev = x.device
-    dx = _alloc((t_len, k_len), dtype=x.dtype, device=dev) if needs.x else None
+    dx = alloc((t_len, k_len), dtype=x.dtype, device=dev) if needs.x else None
     # the token reductions write every (e, c, j) of dA / dB, so no zero fill is needed
-    da = _alloc(lora_a.shape, dtype=lora_a.dtype, device=dev) if needs.lora_a else None
-    db = _alloc(lora_b.shape, dtype=lora_b.dtype, device=dev) if needs.lora_b else None
-    dg = _alloc((t_len, num_experts), dtype=gates.dtype, device=dev) if needs.gates else None
+    da = alloc(lora_a.shape, dtype=lora_a.dtype, device=dev) if needs.lora_a else None
+    db = alloc(lora_b.shape, dtype=lora_b.dtype, device=dev) if needs.lora_b else None
+    dg = alloc((t_len, num_experts), dtype=gates.dtype, device=dev) if needs.gates else None
     if t_len == 0:
         return dx, *(g.zero_() if g is not None else None for g in (da, db)), dg
-    plan = _plan(t_len, num_experts, rank, x.dtype)
+    plan = make_plan(t_len, num_experts, rank, x.dtype)
     weight_mode = mode == "weight"
     need_dh = needs.x or needs.lora_a  # dH feeds dX and dA
     need_ht = needs.lora_b  # H~ feeds dB
@@ -1018,37 +576,22 @@ def lora_mixture_bwd(
         if weight_mode:
             has_dht = need_dh or needs.gates
             has_h = need_ht or needs.gates
-            raw_dht = _alloc((t_len, er), dtype=torch.float32, device=dev) if has_dht else None
-            raw_h = _alloc((t_len, er), dtype=torch.float32, device=dev) if has_h else None
-            _launch_bwd_shrink(dy, x, lora_a, lora_b, gates, raw_dht, raw_h, None, scale, plan,
-                               weight_mode=True, compute_all=needs.gates)
-            dh = _alloc((t_len, er), dtype=x.dtype, device=dev) if need_dh else None
-            ht = _alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
-            any_buf = next(b for b in (raw_dht, raw_h) if b is not None)
-            block_m = 16
-            _lora_weight_combine_kernel[(triton.cdiv(t_len, block_m),)](
-                raw_dht if raw_dht is not None else any_buf,
-                raw_h if raw_h is not None else any_buf,
-                gates,
-                dh if dh is not None else any_buf,
-                ht if ht is not None else any_buf,
-                dg if dg is not None else gates,
-                any_buf.stride(0), er,
-                gates.stride(0), gates.stride(1),
-                dg.stride(0) if dg is not None else 0, dg.stride(1) if dg is not None else 0,
-                t_len, num_experts, rank, scale,
-                HAS_DHT=has_dht, HAS_H=has_h, DH_OUT=need_dh, HT_OUT=need_ht,
-                DG_OUT=needs.gates, BLOCK_R=plan.block_r, BLOCK_M=block_m,
-            )
+            raw_dht = alloc((t_len, er), dtype=torch.float32, device=dev) if has_dht else None
+            raw_h = alloc((t_len, er), dtype=torch.float32, device=dev) if has_h else None
+            launch_bwd_shrink(dy, x, lora_a, lora_b, gates, raw_dht, raw_h, None, scale, plan,
+                              weight_mode=True, compute_all=needs.gates)
+            dh = alloc((t_len, er), dtype=x.dtype, device=dev) if need_dh else None
+            ht = alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
+            launch_weight_combine(raw_dht, raw_h, gates, dh, ht, dg, scale, plan)
         else:
-            dh = _alloc((t_len, er), dtype=x.dtype, device=dev) if need_dh else None
-            ht = _alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
-            _launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan,
-                               weight_mode=False, compute_all=needs.gates)
+            dh = alloc((t_len, er), dtype=x.dtype, device=dev) if need_dh else None
+            ht = alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
+            launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan,
+                              weight_mode=False, compute_all=needs.gates)
 
     # 2. dX = [dY | dH] [W ; A_cat]: the forward's fused GEMM kernel with W read untransposed
     if needs.x and k_len > 0:
-        _launch_fused_gemm(
+        launch_fused_gemm(
             left=dy, right=weight, right_strides=(weight.stride(0), weight.stride(1)),
             lowrank=dh, factor=lora_a,
             factor_strides=(lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
@@ -1058,16 +601,16 @@ def lora_mixture_bwd(
         dx.zero_()
     # 3. reductions over tokens, skipping token tiles where an expert's gates are all zero
     if needs.lora_a:
-        _launch_token_reduce(big=x, small=dh, gates=gates, out=da,
-                             out_strides=(da.stride(0), da.stride(2), da.stride(1)), plan=plan)
+        launch_token_reduce(big=x, small=dh, gates=gates, out=da,
+                            out_strides=(da.stride(0), da.stride(2), da.stride(1)), plan=plan)
     if needs.lora_b:
-        _launch_token_reduce(big=dy, small=ht, gates=gates, out=db,
-                             out_strides=(db.stride(0), db.stride(1), db.stride(2)), plan=plan)
+        launch_token_reduce(big=dy, small=ht, gates=gates, out=db,
+                            out_strides=(db.stride(0), db.stride(1), db.stride(2)), plan=plan)
     return dx, da, db, dg
 
 
-def _launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan, *, weight_mode,
-                       compute_all):
+def launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan, *, weight_mode,
+                      compute_all):
     t_len, k_len = x.shape
     n_len = dy.shape[1]
     num_experts, rank, _ = lora_a.shape
@@ -1092,6 +635,39 @@ def _launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan, *,
         DH_OUT=dh is not None, H_OUT=ht is not None, DG_OUT=dg_out,
         NEED_DHT=dh is not None or dg_out, NEED_H=ht is not None or dg_out,
         PREC=plan.prec, BLOCK_R=plan.block_r, EPT=plan.ept,
+    )
+
+
+def launch_weight_combine(raw_dht, raw_h, gates, dh, ht, dg, scale, plan):
+    """Weight mode's backward combine: u, du, then dH = G du, H~ = s G u and dG from the raw buffers.
+
+    Args:
+        raw_dht, raw_h: (T, E*R) fp32 raw dH~ and H written by :func:`launch_bwd_shrink` in weight mode
+            (None when not needed; at least one is given).
+        gates: (T, E) gates.
+        dh, ht: (T, E*R) outputs dH and H~ with one row stride, or None when not wanted.
+        dg: (T, E) output dG, or None.
+        scale: alpha / r.
+        plan: the call's launch plan.
+    """
+    t_len, num_experts = gates.shape
+    any_raw = raw_dht if raw_dht is not None else raw_h
+    any_out = dh if dh is not None else (ht if ht is not None else any_raw)  # stands in for unused outputs
+    rank = any_raw.shape[1] // num_experts
+    block_m = 16
+    _lora_weight_combine_kernel[(triton.cdiv(t_len, block_m),)](
+        raw_dht if raw_dht is not None else any_raw,
+        raw_h if raw_h is not None else any_raw,
+        gates,
+        dh if dh is not None else any_out,
+        ht if ht is not None else any_out,
+        dg if dg is not None else gates,
+        any_raw.stride(0), any_out.stride(0),
+        gates.stride(0), gates.stride(1),
+        dg.stride(0) if dg is not None else 0, dg.stride(1) if dg is not None else 0,
+        t_len, num_experts, rank, scale,
+        HAS_DHT=raw_dht is not None, HAS_H=raw_h is not None, DH_OUT=dh is not None, HT_OUT=ht is not None,
+        DG_OUT=dg is not None, BLOCK_R=plan.block_r, BLOCK_M=block_m,
     )
 
 
@@ -1146,7 +722,7 @@ lora_mixture_triton = LoraMixtureTritonFunction.apply
 # The autotuned kernels, for reports of the configs picked per shape (``Autotuner.cache``).
 AUTOTUNED_KERNELS = {
     "shrink": _lora_shrink_kernel,
-    "fused_gemm": _lora_fused_gemm_kernel,
+    **FUSED_GEMM_KERNELS,
     "bwd_shrink": _lora_bwd_shrink_kernel,
     "token_reduce": _lora_token_reduce_kernel,
 }

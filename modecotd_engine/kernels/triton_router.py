@@ -2,7 +2,8 @@
 
 One target linear layer: frozen ``W`` (N, K), optional bias ``b`` (N,), E experts ``A_e`` (r, K) and
 ``B_e`` (N, r), scale ``s``, router ``R`` (E, K). ``A_cat = [A_1; ...; A_E]`` (E*r, K),
-``B_cat = [B_1 ... B_E]`` (N, E*r). The router's E rows are appended to ``A_cat`` (DESIGN.md item 5).
+``B_cat = [B_1 ... B_E]`` (N, E*r). The router's E rows are appended to ``A_cat``, so one pass over X
+yields the experts' H and the router logits Z (the grouped form of router.py).
 
 Forward (two launches)::
 
@@ -11,7 +12,7 @@ Forward (two launches)::
     G       = softmax(Z over the k largest logits of the row), 0 elsewhere       0 < top_k < E
     output mode:  H~[t,e] = s G[t,e] H[t,e]
     weight mode:  P[t,e]  = G[t,e] H[t,e]  (fp32); the expand forms u_t = sum_e P[t,e] and s G[t,e] u_t
-    Y = [X | H~] [W | B_cat]^T + b                 the fused GEMM of triton_lora.py, unchanged
+    Y = [X | H~] [W | B_cat]^T + b                 the fused GEMM of triton_fused_gemm.py, unchanged
 
 The gates are computed in fp32 from the fp32 logit accumulator and saved (T, E) for the backward;
 X, the weights and G are all that is saved (H is recomputed, as in triton_lora.py).
@@ -66,30 +67,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .router import check_router_args
-from .triton_lora import (
-    _INTERPRET,
-    _SUPPORTED_DTYPES,
-    _T_BUCKETS,
-    _alloc,
-    _bucketed,
-    _check_supported,
-    _for_bucket,
-    _keep_fitting,
-    _launch_bwd_shrink,
-    _launch_fused_gemm,
-    _launch_token_reduce,
-    _lora_weight_combine_kernel,
-    _next_pow2,
-    _plan,
-    _rows_contiguous,
-    _shrink_configs,
-    _small_tiles_for_ieee,
-    _smem_limit,
+from .args import check_router_args
+from .triton_configs import bucketed, for_bucket, keep_fitting, shrink_configs, small_tiles_for_ieee, smem_limit
+from .triton_fused_gemm import launch_fused_gemm
+from .triton_lora import launch_bwd_shrink, launch_token_reduce, launch_weight_combine
+from .triton_utils import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    T_BUCKETS,
+    alloc,
+    check_supported,
+    make_plan,
+    next_pow2,
+    rows_contiguous,
 )
 
 # NOTE: tuning constants. Not yet timed on a GPU. The router shrink takes the forward shrink's config
-# table of triton_lora.py (same loop structure, plus a Z_PAD <= 64 wide second accumulator); configs
+# table (triton_configs.py; same loop structure, plus a Z_PAD <= 64 wide second accumulator); configs
 # whose two fp32 accumulators would need more than _MAX_ACC_REGS registers per thread are dropped
 # (tile arithmetic: BLOCK_M * (EPT*BLOCK_R + Z_PAD) / (32 * num_warps)), like the backward shrink's
 # BLOCK_M <= 64 rule for its two accumulators. Checked by compiling ahead of time for sm_90 and
@@ -119,11 +113,11 @@ def _router_shrink_configs():
     them: 312 KiB), over any GPU's shared memory. 2 stages of 64-deep K steps fit every case:
     2 * (64*64 + 64*192) * 4 B = 128 KiB for fp32.
     """
-    configs = _shrink_configs()
-    if _INTERPRET:
+    configs = shrink_configs()
+    if INTERPRET:
         return configs
-    spare = _bucketed({b: [(16, 64, 4, 2), (64, 64, 4, 2)] for b in (*_T_BUCKETS, 4096)},
-                      ("BLOCK_M", "BLOCK_K"))
+    spare = bucketed({b: [(16, 64, 4, 2), (64, 64, 4, 2)] for b in (*T_BUCKETS, 4096)},
+                     ("BLOCK_M", "BLOCK_K"))
     for c in spare:
         c.spare = True
     return configs + spare
@@ -134,23 +128,23 @@ def _prune_router_shrink(configs, named_args, **kwargs):
         return configs
     es = named_args["x_ptr"].element_size()
     cols = kwargs["EPT"] * kwargs["BLOCK_R"] + kwargs["Z_PAD"]
-    limit = _smem_limit()
+    limit = smem_limit()
 
     def smem(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         return c.num_stages * (bm * bk + bk * cols) * es
 
     def pick(cand):
-        cand = _for_bucket(cand, named_args["T_BUCKET"])
-        cand = [c for c in cand if c.kwargs["BLOCK_K"] <= max(32, _next_pow2(named_args["K"]))] or cand
+        cand = for_bucket(cand, named_args["T_BUCKET"])
+        cand = [c for c in cand if c.kwargs["BLOCK_K"] <= max(32, next_pow2(named_args["K"]))] or cand
         cand = [c for c in cand
                 if c.kwargs["BLOCK_M"] * cols <= _MAX_ACC_REGS * 32 * c.num_warps] or cand
-        return _small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 64 * 128)
+        return small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 64 * 128)
 
     main = pick([c for c in configs if not getattr(c, "spare", False)])
     if any(smem(c) <= limit for c in main):
-        return _keep_fitting(main, smem, limit)
-    return _keep_fitting(pick([c for c in configs if getattr(c, "spare", False)]), smem, limit)
+        return keep_fitting(main, smem, limit)
+    return keep_fitting(pick([c for c in configs if getattr(c, "spare", False)]), smem, limit)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,10 +306,10 @@ def _check_router(x: torch.Tensor, lora_a: torch.Tensor, router: torch.Tensor, t
     """The router checks of every backend, then what only these kernels require."""
     check_router_args(router, lora_a, x, top_k)
     num_experts = lora_a.shape[0]
-    if router.dtype not in _SUPPORTED_DTYPES:
+    if router.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"triton backend: router has dtype {router.dtype}; supported are float16, "
                          "bfloat16 and float32 (use backend='torch' for other dtypes)")
-    if _INTERPRET and router.dtype == torch.bfloat16:
+    if INTERPRET and router.dtype == torch.bfloat16:
         raise ValueError("triton backend: router is bfloat16, which Triton's CPU interpreter cannot "
                          "compute (TRITON_INTERPRET=1); use float16/float32 there or run on CUDA")
     if num_experts > 64:
@@ -327,7 +321,7 @@ def _check_routed(x, weight, bias, lora_a, lora_b, router, top_k, mode) -> None:
         raise ValueError("triton launchers take 2-D x (T, K); flatten leading dims first")
     # the plain mixture's checks, with a zero-stride stand-in for the gates this op computes itself
     stand_in = x.new_zeros(()).expand(x.shape[0], lora_a.shape[0])
-    _check_supported(x, weight, bias, lora_a, lora_b, stand_in, mode)
+    check_supported(x, weight, bias, lora_a, lora_b, stand_in, mode)
     _check_router(x, lora_a, router, top_k)
 
 
@@ -359,20 +353,20 @@ def routed_lora_mixture_fwd(
         E columns, 1.0 in the rest (what :func:`routed_lora_mixture_bwd` takes).
     """
     _check_routed(x, weight, bias, lora_a, lora_b, router, top_k, mode)
-    x = _rows_contiguous(x)
+    x = rows_contiguous(x)
     t_len, k_len = x.shape
     n_len = weight.shape[0]
     num_experts, rank, _ = lora_a.shape
     n_gate_cols = num_experts + router_blocks(num_experts, rank)
-    out = _alloc((t_len, n_len), dtype=x.dtype, device=x.device)
-    gates = _alloc((t_len, n_gate_cols), dtype=torch.float32, device=x.device)
+    out = alloc((t_len, n_len), dtype=x.dtype, device=x.device)
+    gates = alloc((t_len, n_gate_cols), dtype=torch.float32, device=x.device)
     if t_len == 0:
         return out, gates
-    plan = _plan(t_len, num_experts, rank, x.dtype)
+    plan = make_plan(t_len, num_experts, rank, x.dtype)
     weight_mode = mode == "weight"
     # weight mode's P = G*H stays fp32 until the expand sums it over experts (as in triton_lora.py)
-    hbuf = _alloc((t_len, num_experts * rank), device=x.device,
-                  dtype=torch.float32 if weight_mode else x.dtype)
+    hbuf = alloc((t_len, num_experts * rank), device=x.device,
+                 dtype=torch.float32 if weight_mode else x.dtype)
     n_groups = triton.cdiv(num_experts, plan.ept)
     _router_shrink_kernel[lambda meta: (triton.cdiv(t_len, meta["BLOCK_M"]) * n_groups,)](
         x, lora_a, router, hbuf, gates,
@@ -384,10 +378,10 @@ def routed_lora_mixture_fwd(
         t_len, k_len, num_experts, rank, n_gate_cols, scale, plan.t_bucket,
         OUTPUT_MODE=not weight_mode, TOP_K=top_k if 0 < top_k < num_experts else 0,
         PREC=plan.prec, BLOCK_R=plan.block_r, EPT=plan.ept,
-        Z_PAD=max(_MIN_Z_PAD, _next_pow2(num_experts)),
+        Z_PAD=max(_MIN_Z_PAD, next_pow2(num_experts)),
     )
     if n_len > 0:
-        _launch_fused_gemm(
+        launch_fused_gemm(
             left=x, right=weight, right_strides=(weight.stride(1), weight.stride(0)),
             lowrank=hbuf, factor=lora_b,
             factor_strides=(lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
@@ -438,8 +432,8 @@ def routed_lora_mixture_bwd(
     num_experts, rank, _ = lora_a.shape
     n_blocks = router_blocks(num_experts, rank)
     _check_routed(x, weight, None, lora_a, lora_b, router, 0, mode)
-    x = _rows_contiguous(x)
-    dy = _rows_contiguous(dy.to(x.dtype))
+    x = rows_contiguous(x)
+    dy = rows_contiguous(dy.to(x.dtype))
     t_len, k_len = x.shape
     n_len = weight.shape[0]
     if tuple(dy.shape) != (t_len, n_len):
@@ -451,14 +445,14 @@ def routed_lora_mixture_bwd(
     er = num_experts * rank
     e_aug = num_experts + n_blocks  # experts plus router blocks
     g = gates[:, :num_experts]  # (T, E) view
-    dx = _alloc((t_len, k_len), dtype=x.dtype, device=dev) if needs.x else None
-    db = _alloc(lora_b.shape, dtype=lora_b.dtype, device=dev) if needs.lora_b else None
+    dx = alloc((t_len, k_len), dtype=x.dtype, device=dev) if needs.x else None
+    db = alloc(lora_b.shape, dtype=lora_b.dtype, device=dev) if needs.lora_b else None
     da = dr = None
     if t_len == 0:
         zeros = lambda t: torch.zeros_like(t)  # noqa: E731
         return (dx, zeros(lora_a) if needs.lora_a else None, db.zero_() if db is not None else None,
                 zeros(router) if needs.router else None)
-    plan = _plan(t_len, num_experts, rank, x.dtype)
+    plan = make_plan(t_len, num_experts, rank, x.dtype)
     weight_mode = mode == "weight"
     need_dg = needs.x or needs.router  # dZ feeds dX and dR
     need_dh = needs.x or needs.lora_a  # dH feeds dX and dA
@@ -466,10 +460,10 @@ def routed_lora_mixture_bwd(
 
     # [dH | dZ | 0] (T, e_aug * r) in x's dtype; H~ gets the same row stride because the backward
     # shrink (and the weight-mode combine) write dH and H~ with one row stride.
-    dhz = _alloc((t_len, e_aug * rank), dtype=x.dtype, device=dev) if (need_dh or need_dg) else None
+    dhz = alloc((t_len, e_aug * rank), dtype=x.dtype, device=dev) if (need_dh or need_dg) else None
     dh = dhz[:, :er] if need_dh else None
-    ht = _alloc((t_len, e_aug * rank), dtype=x.dtype, device=dev)[:, :er] if need_ht else None
-    dg = _alloc((t_len, num_experts), dtype=torch.float32, device=dev) if need_dg else None
+    ht = alloc((t_len, e_aug * rank), dtype=x.dtype, device=dev)[:, :er] if need_ht else None
+    dg = alloc((t_len, num_experts), dtype=torch.float32, device=dev) if need_dg else None
 
     # 1. dH~ = dY B_cat and the recomputed H, turned into dH, H~ and dG. dG must cover every expert
     #    of every row (compute_all): the backward shrink writes dG only on its grouped path.
@@ -477,30 +471,14 @@ def routed_lora_mixture_bwd(
         if weight_mode:
             has_dht = need_dh or need_dg
             has_h = need_ht or need_dg
-            raw_dht = _alloc((t_len, er), dtype=torch.float32, device=dev) if has_dht else None
-            raw_h = _alloc((t_len, er), dtype=torch.float32, device=dev) if has_h else None
-            _launch_bwd_shrink(dy, x, lora_a, lora_b, g, raw_dht, raw_h, None, scale, plan,
-                               weight_mode=True, compute_all=need_dg)
-            any_raw = raw_dht if raw_dht is not None else raw_h
-            any_out = next(b for b in (dh, ht) if b is not None) if (dh is not None or ht is not None) else any_raw
-            block_m = 16
-            _lora_weight_combine_kernel[(triton.cdiv(t_len, block_m),)](
-                raw_dht if raw_dht is not None else any_raw,
-                raw_h if raw_h is not None else any_raw,
-                g,
-                dh if dh is not None else any_out,
-                ht if ht is not None else any_out,
-                dg if dg is not None else g,
-                any_raw.stride(0), any_out.stride(0),
-                g.stride(0), g.stride(1),
-                dg.stride(0) if dg is not None else 0, dg.stride(1) if dg is not None else 0,
-                t_len, num_experts, rank, scale,
-                HAS_DHT=has_dht, HAS_H=has_h, DH_OUT=dh is not None, HT_OUT=ht is not None,
-                DG_OUT=need_dg, BLOCK_R=plan.block_r, BLOCK_M=block_m,
-            )
+            raw_dht = alloc((t_len, er), dtype=torch.float32, device=dev) if has_dht else None
+            raw_h = alloc((t_len, er), dtype=torch.float32, device=dev) if has_h else None
+            launch_bwd_shrink(dy, x, lora_a, lora_b, g, raw_dht, raw_h, None, scale, plan,
+                              weight_mode=True, compute_all=need_dg)
+            launch_weight_combine(raw_dht, raw_h, g, dh, ht, dg, scale, plan)
         else:
-            _launch_bwd_shrink(dy, x, lora_a, lora_b, g, dh, ht, dg, scale, plan,
-                               weight_mode=False, compute_all=need_dg)
+            launch_bwd_shrink(dy, x, lora_a, lora_b, g, dh, ht, dg, scale, plan,
+                              weight_mode=False, compute_all=need_dg)
 
     # 2. dZ = G (dG - sum_j G_j dG_j) into the router blocks of [dH | dZ | 0], padding zeroed
     if need_dg:
@@ -511,18 +489,18 @@ def routed_lora_mixture_bwd(
             dg.stride(0), dg.stride(1),
             dhz.stride(0),
             t_len, num_experts, width,
-            BLOCK_M=_SOFTMAX_BWD_BLOCK_M, W_PAD=_next_pow2(width),
+            BLOCK_M=_SOFTMAX_BWD_BLOCK_M, W_PAD=next_pow2(width),
         )
 
     # 3. dX = dY W + [dH | dZ] [A_cat; R]: one fused GEMM, the router blocks as extra experts
     if needs.x and k_len > 0:
         factor = _augmented_factor(lora_a, router, n_blocks)
-        _launch_fused_gemm(
+        launch_fused_gemm(
             left=dy, right=weight, right_strides=(weight.stride(0), weight.stride(1)),
             lowrank=dhz, factor=factor,
             factor_strides=(factor.stride(0), factor.stride(1), factor.stride(2)),
             gates=gates, bias=None, out=dx, scale=1.0, weight_mode=False,
-            plan=_plan(t_len, e_aug, rank, x.dtype),
+            plan=make_plan(t_len, e_aug, rank, x.dtype),
         )
 
     # 4. [dA_cat; dR] = [dH | dZ]^T X: one token reduction over the needed blocks (experts, router)
@@ -533,10 +511,10 @@ def routed_lora_mixture_bwd(
             dtype = lora_a.dtype if router.dtype == lora_a.dtype else torch.float32
         else:
             dtype = lora_a.dtype if needs.lora_a else router.dtype
-        d_aug = _alloc((hi - lo, rank, k_len), dtype=dtype, device=dev)
-        _launch_token_reduce(big=x, small=dhz[:, lo * rank : hi * rank], gates=gates[:, lo:hi], out=d_aug,
-                             out_strides=(d_aug.stride(0), d_aug.stride(2), d_aug.stride(1)),
-                             plan=_plan(t_len, hi - lo, rank, x.dtype))
+        d_aug = alloc((hi - lo, rank, k_len), dtype=dtype, device=dev)
+        launch_token_reduce(big=x, small=dhz[:, lo * rank : hi * rank], gates=gates[:, lo:hi], out=d_aug,
+                            out_strides=(d_aug.stride(0), d_aug.stride(2), d_aug.stride(1)),
+                            plan=make_plan(t_len, hi - lo, rank, x.dtype))
         if needs.lora_a:
             da = d_aug[:num_experts].to(lora_a.dtype)
         if needs.router:
@@ -544,8 +522,8 @@ def routed_lora_mixture_bwd(
 
     # 5. dB_e = dY^T H~_e
     if needs.lora_b:
-        _launch_token_reduce(big=dy, small=ht, gates=g, out=db,
-                             out_strides=(db.stride(0), db.stride(1), db.stride(2)), plan=plan)
+        launch_token_reduce(big=dy, small=ht, gates=g, out=db,
+                            out_strides=(db.stride(0), db.stride(1), db.stride(2)), plan=plan)
     return dx, da, db, dr
 
 
