@@ -5,19 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
-
-if TYPE_CHECKING:
-    from .run import TeachSummary
+from typing import Any, Protocol
 
 
 class TeachError(RuntimeError):
     """A teach run cannot go on: bad input, or a teacher failure that retrying will not fix.
 
-    ``summary`` holds the partial summary (already written to disk) when the run had started.
+    ``summary`` holds the partial summary (a ``run.TeachSummary``, already written to disk) when the run
+    had started.
     """
 
-    def __init__(self, message: str, summary: TeachSummary | None = None) -> None:
+    def __init__(self, message: str, summary: Any = None) -> None:
         super().__init__(message)
         self.summary = summary
 
