@@ -10,7 +10,7 @@ import sys
 from .. import __version__
 
 # Each module exposes register(subparsers) and sets args.func; the order is the order of --help.
-_COMMANDS = ("student", "data", "teach", "train", "experts", "mix", "infer", "eval", "reproduce", "bench")
+_COMMANDS = ("student", "data", "teach", "train", "experts", "mix", "infer", "eval", "serve", "reproduce", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,8 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modecotd-engine",
         description="Distill chain-of-thought reasoning into a frozen small student through one LoRA expert "
         "per task, then mix the experts for seen and unseen tasks (MoDE-CoTD).",
-        epilog="Typical pipeline: teach (optional) -> train -> mix -> infer / eval; bench measures the kernels "
-        "and the pipeline. 'modecotd-engine COMMAND --help' explains each command's flags.",
+        epilog="Typical pipeline: teach (optional) -> train -> mix -> infer / eval / serve; bench measures the "
+        "kernels and the pipeline. 'modecotd-engine COMMAND --help' explains each command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")

@@ -800,11 +800,11 @@ class Decoder:
         return [] if self.batch is None else list(self.batch.rows)
 
     def can_join(self, rows: int) -> bool:
-        """Whether ``rows`` new rows may be admitted now: always into an empty batch; into a running
-        one only where caches stack and the batch stays within ``config.batch_size``."""
-        if self.batch is None:
-            return True
-        return self.mergeable and len(self.batch.rows) + rows <= self.config.batch_size
+        """Whether ``rows`` new rows may be admitted now: the batch stays within ``config.batch_size``,
+        and a running batch takes new rows only where caches stack."""
+        if self.batch is not None and not self.mergeable:
+            return False
+        return len(self.running) + rows <= self.config.batch_size
 
     def add(self, r: int, row: DecodeRow) -> None:
         """Register row ``r``; it starts decoding when a :meth:`step` admits it."""
@@ -933,11 +933,14 @@ class Decoder:
         return nxt[torch.tensor(keep, device=nxt.device)]
 
     def drop(self, rows: Sequence[int]) -> None:
-        """Take running rows out unfinished (their request was cancelled or timed out); nothing is reported."""
+        """Take rows out unfinished, running or only registered (their request was cancelled, timed out or
+        failed); nothing is reported for them."""
         gone = set(rows)
-        keep = [j for j, r in enumerate(self.running) if r not in gone]
         self._forget(gone)
-        self.batch = _keep(self.batch, keep) if keep else None
+        running = self.running
+        keep = [j for j, r in enumerate(running) if r not in gone]
+        if len(keep) < len(running):
+            self.batch = _keep(self.batch, keep) if keep else None
 
     def forward(self, nxt: torch.Tensor) -> None:
         """Feed every row its token; ``batch.logits`` becomes the logits of the token after it."""
