@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..engine.experts import ExpertBank
+from ..kernels.args import MODES
 
 
 def register(subparsers) -> None:
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     s.add_argument("--bank", required=True, help="expert bank directory")
     s.add_argument("--experts", required=True,
                    help="one expert name, 'a,b' (equal weights) or 'a=0.7,b=0.3' (weights)")
-    s.add_argument("--mode", choices=["weight", "output"], default="weight",
+    s.add_argument("--mode", choices=MODES, default="weight",
                    help="weight: merged A and B at rank r; output: exact rank E*r concatenation")
     s.add_argument("--out", required=True, help="adapter directory to write")
     p.set_defaults(func=run)

@@ -27,57 +27,80 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import BatchPlan, read_task_dir, read_task_file, tokenize_records
+from ..kernels.ops import BACKENDS
+from .data import MISSING_MARKER_POLICIES, PROMPT_FORMATS, BatchPlan, read_task_dir, read_task_file, tokenize_records
 from .experts import DEFAULT_TARGETS, ExpertBank
 from .inject import inject_experts
 from .loss import supervised_loss
 from .optim import ExpertAdamW
-from .student import load_student, model_attention
+from .student import DTYPE_CHOICES, load_student, model_attention
 
 log = logging.getLogger("modecotd_engine.distill")
 
 CHECKPOINT_KEEP = 2
 
 
+def _opt(default, help: str, **cli):
+    """A config field with its command-line help (and optionally ``flag``, ``choices``) in its metadata."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
     """Everything a distillation run depends on (saved with every checkpoint).
 
+    Each field carries its command-line help in ``metadata``; ``modecotd-engine train`` derives one flag per
+    field from it (``--batch-size`` for ``batch_size`` unless ``flag`` names another; tuples are
+    comma-separated; a bool's flag sets the opposite of its default).
     Paths: ``student`` None is the built-in student; ``data`` None is the built-in seen tasks.
     """
 
-    student: str | None = None
-    data: str | None = None
-    out: str | None = None
-    tasks: tuple[str, ...] = ()  # subset of the data's tasks; empty: all
-    rank: int = 8
-    alpha: float = 16.0
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    steps: int = 150
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup: int = 10
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    max_len: int = 256
-    n_train: int = 200  # built-in tasks: training examples per task
-    n_eval: int = 30  # held-out examples per task for the before/after table (0: skip)
-    eval_max_new_tokens: int = 64  # built-in outputs are <= 45 SmolLM2 tokens
-    eval_batch_size: int = 32
-    save_every: int = 50
-    seed: int = 0
-    missing_marker: str = "drop"
-    prompt_format: str = "plain"  # "chat": the student's chat template around every prompt (data.format_prompt)
-    shared_init: bool = True  # every expert starts from the same A (ExpertBank.create)
-    device: str | None = None
-    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 math, else float32
-    backend: str = "auto"
-    attention: str = "auto"  # auto: the engine's grouped attention on CPU with bf16/fp16, else transformers'
-    eval_before: bool = True
-    progress: bool = True
-    resume: bool = False
+    student: str | None = _opt(None, "student model directory (Hugging Face layout, safetensors); "
+                               "default: the built-in SmolLM2-135M-Instruct")
+    data: str | None = _opt(None, "directory of task files NAME.json/NAME.jsonl ({input, output} records, "
+                            "output = rationale, '-->' line, answer, END); one expert per file; "
+                            "default: the built-in seen tasks")
+    out: str | None = _opt(None, "run directory (default: runs/<timestamp>)")
+    tasks: tuple[str, ...] = _opt((), "comma-separated subset of the data's tasks (default: all)")
+    rank: int = _opt(8, "LoRA rank r of every expert")
+    alpha: float = _opt(16.0, "LoRA alpha (scale = alpha / rank)")
+    targets: tuple[str, ...] = _opt(DEFAULT_TARGETS, "comma-separated target Linear modules: last name "
+                                    "component (q_proj) or a full-name regex")
+    steps: int = _opt(150, "optimizer steps")
+    batch_size: int = _opt(8, "sequences per micro-batch (global)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _opt(0.1, "final lr as a fraction of --lr (cosine)")
+    warmup: int = _opt(10, "linear warm-up steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    clip: float = _opt(1.0, "gradient-norm clipping threshold")
+    max_len: int = _opt(256, "max tokens per example (prompt truncated from the left)")
+    n_train: int = _opt(200, "built-in tasks: training examples per task")
+    n_eval: int = _opt(30, "held-out examples per task scored before and after training (0 skips)")
+    # built-in outputs are <= 45 SmolLM2 tokens
+    eval_max_new_tokens: int = _opt(64, "generation budget per held-out example, in tokens")
+    eval_batch_size: int = _opt(32, "sequences per generation batch")
+    save_every: int = _opt(50, "checkpoint every N steps (and at the end)")
+    seed: int = _opt(0, "seed for data order, initialisation and built-in tasks")
+    missing_marker: str = _opt("drop", "what to do with training outputs that lack the '-->' answer marker",
+                               choices=MISSING_MARKER_POLICIES)
+    prompt_format: str = _opt("plain", "plain: prompts as written in the data; chat: each prompt as the user "
+                              "turn of the student's chat template (data.format_prompt; recorded in the bank; "
+                              "infer, eval and mix then use it too)", choices=PROMPT_FORMATS)
+    shared_init: bool = _opt(True, "draw an independent random A for every expert (default: all experts start "
+                             "from the same A, as separate runs from one seed do, which weight-mode mixing "
+                             "relies on; ExpertBank.create)", flag="--independent-init")
+    device: str | None = _opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    dtype: str = _opt("auto", "student dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 math (about 2x "
+                      "faster there), float32 otherwise. LoRA weights and optimizer state stay float32",
+                      choices=DTYPE_CHOICES)
+    backend: str = _opt("auto", "mixture kernel backend (auto: triton on CUDA, torch on CPU)", choices=BACKENDS)
+    attention: str = _opt("auto", "student attention: auto (the engine's grouped-query matmul attention on CPU "
+                          "with bf16/fp16 weights, measured ~30% faster per step there; transformers' default "
+                          "elsewhere), grouped, sdpa, eager")
+    eval_before: bool = _opt(True, "skip the accuracy measurement before training", flag="--no-eval-before")
+    progress: bool = _opt(True, "no progress bar", flag="--no-progress")
+    resume: bool = _opt(False, "continue the run in --out from its last checkpoint")
 
     def __post_init__(self):
         self.tasks = tuple(self.tasks)
