@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..engine.mixture import METHODS
+from ..kernels.args import MODES
+
 ROUTER_DEFAULT_STEPS = 200
 
 
@@ -21,10 +24,10 @@ def register(subparsers) -> None:
     p.add_argument("--shots", required=True,
                    help="JSON/JSONL file of the target's examples in the training format "
                    "(input; output = rationale, a line '-->', the answer and END)")
-    p.add_argument("--method", choices=["search", "gradient", "router", "uniform"], default="search",
+    p.add_argument("--method", choices=METHODS, default="search",
                    help="search: nevergrad NGOpt (the paper's); gradient: Adam through the gate gradient; "
                    "router: per-layer per-token router trained on --router-data; uniform: 1/E each (default: search)")
-    p.add_argument("--mode", choices=["weight", "output"], default="weight",
+    p.add_argument("--mode", choices=MODES, default="weight",
                    help="composition: weight = (sum w B)(sum w A), the paper's; output = sum w B A (default: weight)")
     p.add_argument("--budget", type=int, default=None,
                    help="search: candidate evaluations (forward passes over the shots); gradient: forward+backward "
