@@ -2,7 +2,7 @@
 
 Every kernel of ``triton_lora.py`` gets a table here (the routed op of ``triton_router.py`` runs the
 same fused GEMM, backward shrink and token reduction, and its router shrink extends the forward
-shrink's table), plus the helpers that build the tables and prune them: shared-memory fit, the
+shrink's table), plus the functions that build the tables and prune them: shared-memory fit, the
 token bucket, small tiles for IEEE fp32.
 """
 
