@@ -1,8 +1,8 @@
 """Autotune configs of the Triton kernels, keyed by token-count bucket and pruned by shape.
 
-Every kernel of ``triton_lora.py`` gets a table here (the routed op of ``triton_router.py`` runs the
-same fused GEMM, backward shrink and token reduction, and its router shrink extends the forward
-shrink's table), plus the functions that build the tables and prune them: shared-memory fit, the
+Every autotuned kernel of ``triton_lora.py`` and ``triton_fused_gemm.py`` gets a table here (the routed
+op of ``triton_router.py`` runs the same fused GEMM, backward shrink and token reduction, and its
+router shrink extends the forward shrink's table), plus the functions that build the tables and prune them: shared-memory fit, the
 token bucket, small tiles for IEEE fp32.
 """
 
