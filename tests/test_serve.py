@@ -424,6 +424,19 @@ def test_a_client_closed_mid_stream_frees_its_row(srv):
     assert srv.client.completions.create(model="add", prompt="still here", max_tokens=3).usage.completion_tokens == 3
 
 
+def test_a_client_that_leaves_a_plain_request_frees_its_row(srv):
+    """Non-streaming: the server polls the connection while it waits and cancels a request whose client left."""
+    first_step = srv.records()[-1].step + 1
+    body = json.dumps({"model": "coins", "prompt": "hang up", "max_tokens": LONG}).encode()
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT_S) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        srv.wait_until(lambda: any(r.admitted for r in srv.records() if r.step >= first_step))
+    tid = next(t for r in srv.records() if r.step >= first_step for t in r.admitted)
+    srv.wait_until(lambda: any(r.dropped.get(tid) == "cancelled" for r in srv.records()))
+    srv.wait_until(lambda: srv.loop.metrics()["running_rows"] == 0)
+
+
 def test_a_timed_out_request_gets_408_and_the_server_goes_on(srv, offline):
     with pytest.raises(openai.APIStatusError) as err:
         srv.client.completions.create(model="coins", prompt="too slow", max_tokens=LONG, extra_body={"timeout": 0.3})
@@ -456,6 +469,20 @@ def test_a_full_queue_answers_429_with_retry_after(student_dir, bank_root):
                     s.close()
             assert [f.result(timeout=WAIT_S).usage.completion_tokens for f in waiting] == [3, 3]
         assert run.client.completions.create(model="base", prompt="after", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_request_that_fails_in_the_loop_fails_alone(student_dir, bank_root, tmp_path):
+    """A router file gone after the start: requests for that mixture get a 500, the others are served."""
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(bank_root, root)
+    with running_server(student_dir, root, "--batch-size", "4") as run:
+        (root / "mixtures" / "routed.router.safetensors").unlink()
+        with pytest.raises(openai.InternalServerError, match="cannot serve this model now"):
+            run.client.completions.create(model="routed", prompt="x", max_tokens=3)
+        assert run.client.completions.create(model="blend", prompt="y", max_tokens=3).usage.completion_tokens == 3
+        assert run.loop.alive and run.loop.metrics()["requests"]["error"] == 1
 
 
 # --------------------------------------------------------------------------------- health, metrics
@@ -550,3 +577,31 @@ def test_loop_caps_a_request_timeout_and_refuses_oversized_requests(student_dir,
     finally:
         loop.stop(WAIT_S)
     assert not loop.alive
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+
+def test_arrival_times_are_poisson():
+    from modecotd_engine.bench.serve import arrival_times
+
+    times = arrival_times(4000, rate=8.0, seed=0)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert times[0] == 0.0 and min(gaps) > 0
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 8, rel=0.05)  # exponential gaps of mean 1/rate
+    assert arrival_times(10, 8.0, seed=0) == times[:10] and arrival_times(10, 8.0, seed=1) != times[:10]
+
+
+def test_serve_bench_smoke(student_dir, tmp_path):
+    """`bench serve` end to end on the tiny student: every request served with the offline loop's text."""
+    from modecotd_engine.bench.serve import run_serve_bench
+
+    rep = run_serve_bench(tmp_path / "bench", student=str(student_dir), requests=8, rate=100.0, new_tokens=6,
+                          batch_size=4, experts=3, dtype="float32", threads=1)
+    assert rep["greedy_text_agreement"] == 1.0 and rep["workload"]["mixtures"] == 4
+    for p in rep["providers"].values():
+        assert p["tokens"] == 8 * 6 and p["tokens_per_s"] > 0 and p["ttft_p50_ms"] is not None
+    assert rep["providers"]["server (Poisson arrivals)"]["tpot_p99_ms"] > 0
+    saved = json.loads((tmp_path / "bench" / "serve.json").read_text())
+    assert saved["device"] and saved["torch"] and saved["uvicorn"] and saved["date"]
+    assert "| server (Poisson arrivals) |" in (tmp_path / "bench" / "serve.md").read_text()

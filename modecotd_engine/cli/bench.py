@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "bench", help="benchmark the kernels, training, mixing and inference against baselines",
+        "bench", help="benchmark the kernels, training, mixing, inference and serving against baselines",
         description="Side-by-side measurements in one run (never timed tests). Each suite writes JSON and a "
         "markdown table (and a PNG where a curve says more) into --out, with device, versions and date.",
     )
@@ -50,6 +50,21 @@ def register(subparsers) -> None:
     e.add_argument("--student", default=None, help="student directory (default: the built-in student)")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="student dtype (auto: as `eval`: bf16 on CUDA and on CPUs with native bf16)")
+    s = sub.add_parser("serve", help="the HTTP server under Poisson arrivals vs the offline engine loop "
+                       "(tokens/s, TTFT, time per output token)")
+    s.add_argument("--out", default="docs/bench/serve", help="report directory")
+    s.add_argument("--student", default=None, help="student directory (default: the built-in student)")
+    s.add_argument("--bank", default=None, help="expert bank (default: --experts random experts over the student)")
+    s.add_argument("--experts", type=int, default=10, help="random experts made without --bank (default 10)")
+    s.add_argument("--requests", type=int, default=64, help="requests, half single experts, half two-expert "
+                   "weighted mixtures (default 64)")
+    s.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate, requests per second (default 8)")
+    s.add_argument("--new-tokens", type=int, default=64, help="tokens each request generates (default 64)")
+    s.add_argument("--batch-size", type=int, default=32, help="rows decoding together at most (default 32)")
+    s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="student dtype (auto: as `serve`: bf16 on CUDA and on CPUs with native bf16)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
     p.set_defaults(func=run)
 
 
@@ -78,5 +93,11 @@ def run(args: argparse.Namespace) -> int:
         run_eval_bench(out, bank=args.bank, data=args.data, tasks=args.tasks, limit=args.limit,
                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, student=args.student,
                        dtype=args.dtype)
+    elif args.suite == "serve":
+        from ..bench.serve import run_serve_bench
+
+        run_serve_bench(out, student=args.student, bank=args.bank, requests=args.requests, rate=args.rate,
+                        new_tokens=args.new_tokens, batch_size=args.batch_size, experts=args.experts,
+                        dtype=args.dtype, threads=args.threads, seed=args.seed)
     print(f"report written under {out}")
     return 0

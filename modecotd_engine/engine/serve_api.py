@@ -84,7 +84,7 @@ class ModelTable:
 
     Args:
         bank: the expert bank (injected into the student).
-        bank_dir: its directory (mixtures are checked against it).
+        bank_dir: its directory (mixtures are checked against it), None for a bank made in memory.
         mixtures_dir: directory of mixture files (``modecotd-engine mix`` output), or None.
         mode: the composition that overrides every default (``serve --mode``), or None: a mixture's
             own mode, else output.
@@ -93,9 +93,9 @@ class ModelTable:
         ValueError: a mixture file that does not fit the bank, or whose name is taken.
     """
 
-    def __init__(self, bank: ExpertBank, bank_dir: str | Path, mixtures_dir: str | Path | None = None,
+    def __init__(self, bank: ExpertBank, bank_dir: str | Path | None = None, mixtures_dir: str | Path | None = None,
                  mode: str | None = None):
-        self.bank, self.bank_dir, self.mode = bank, str(bank_dir), mode
+        self.bank, self.bank_dir, self.mode = bank, None if bank_dir is None else str(bank_dir), mode
         self.entries: dict[str, ModelEntry] = {BASE_MODEL: ModelEntry(BASE_MODEL, "base", self._frozen())}
         for name in bank.names:
             self._add(ModelEntry(name, "expert", Selection(bank.weights_vector(name), mode or "output", name), task=name))

@@ -387,8 +387,15 @@ class ServeLoop:
         with self._cv:
             if not self._waiting:
                 return taken
-            if not self.decoder.running and self._waiting[0].request.selection.group != self._group:
-                self._switch(self._waiting[0].request.selection)
+            head = self._waiting[0]
+            if not self.decoder.running and head.request.selection.group != self._group:
+                try:
+                    self._switch(head.request.selection)
+                except Exception as exc:  # noqa: BLE001 - e.g. a router file gone since the start
+                    log.exception("request %d: cannot switch the model to %s", head.id, head.request.selection.group)
+                    self._waiting.popleft()
+                    self._fail([head], "error", f"the server cannot serve this model now: {exc}")
+                    return taken
             while self._waiting:
                 ticket = self._waiting[0]
                 if ticket.request.selection.group != self._group or not self.decoder.can_join(rows + ticket.request.n):
@@ -401,6 +408,7 @@ class ServeLoop:
         """Set the model-wide composition mode and router of ``selection``'s group (batch is empty)."""
         from .mixture import load_router_state
 
+        self._group = None  # unknown until the switch is complete: a failed one is redone
         if self.handle is None:
             self._group = selection.group
             return
