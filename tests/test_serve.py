@@ -441,7 +441,7 @@ def test_a_timed_out_request_gets_408_and_the_server_goes_on(srv, offline):
     with pytest.raises(openai.APIStatusError) as err:
         srv.client.completions.create(model="coins", prompt="too slow", max_tokens=LONG, extra_body={"timeout": 0.3})
     assert err.value.status_code == 408 and err.value.body["code"] == "timeout"
-    assert any("timeout" in r.dropped.values() for r in srv.records())
+    srv.wait_until(lambda: any("timeout" in r.dropped.values() for r in srv.records()))  # recorded as the step ends
     r = srv.client.completions.create(model="coins", prompt="in time", max_tokens=4, temperature=0)
     assert r.choices[0].text == offline("in time", "coins", 4)
 
