@@ -598,7 +598,7 @@ def test_serve_bench_smoke(student_dir, tmp_path):
 
     rep = run_serve_bench(tmp_path / "bench", student=str(student_dir), requests=8, rate=100.0, new_tokens=6,
                           batch_size=4, experts=3, dtype="float32", threads=1)
-    assert rep["greedy_text_agreement"] == 1.0 and rep["workload"]["mixtures"] == 4
+    assert rep["greedy_text_agreement"] == 1.0 and rep["workload"]["mixtures"] == 4 and len(rep["rounds"]) == 2
     for p in rep["providers"].values():
         assert p["tokens"] == 8 * 6 and p["tokens_per_s"] > 0 and p["ttft_p50_ms"] is not None
     assert rep["providers"]["server (Poisson arrivals)"]["tpot_p99_ms"] > 0

@@ -15,12 +15,15 @@ Providers, one after the other on the same student and experts:
   (time per output token after the first, TPOT).
 
 Figures: generated tokens/s (first request sent to last finished), TTFT and TPOT p50/p99, the
-server/offline throughput ratio, and whether the greedy texts of both agree. The client sits in its own
-process so that its Python work does not hold this process's interpreter lock; it still shares the CPU.
+server/offline throughput ratio, and whether the greedy texts of both agree; each a median over rounds
+that run both providers in alternating order, since a shared machine's load drifts. The client sits in
+its own process so that its Python work does not hold this process's interpreter lock; it still shares
+the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -166,9 +169,74 @@ def server_figures(records: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------ the run
 
 
+def _offline_round(st, handle, prompts: list[str], gates, config) -> tuple[dict, list[str]]:
+    """Every request handed to the offline engine loop at once: figures and texts."""
+    from ..engine.generate import generate_detailed
+
+    res = generate_detailed(st.model, st.tokenizer, prompts, handle=handle, gates=gates, config=config)
+    return ({"wall_s": round(res.seconds, 2), "tokens": res.total_tokens,
+             "tokens_per_s": round(res.total_tokens / res.seconds, 1), **_latency(res.first_token_s, [])}, res.texts)
+
+
+def _server_round(port: int, bodies: list[dict], arrivals: list[float]) -> tuple[dict, list[str]]:
+    """The requests sent at their arrival times by a client process: figures and texts."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    client = ctx.Process(target=_client_process, args=(port, bodies, arrivals, results))
+    client.start()
+    status, records = results.get(timeout=3600)
+    client.join(60)
+    if status != "ok":
+        raise RuntimeError(f"the client process failed: {records}")
+    return server_figures(records), [r["text"] for r in records]
+
+
+@contextlib.contextmanager
+def _serving(st, handle, bank, bank_dir: str | None, config, max_queue: int):
+    """``serve``'s loop and app under uvicorn in a thread, on a free loopback port (yielded)."""
+    import socket
+
+    import uvicorn
+
+    from ..engine.serve_api import ModelTable, Server, build_app
+    from ..engine.serve_loop import ServeConfig, ServeLoop
+
+    loop = ServeLoop(st.model, st.tokenizer, handle, config, ServeConfig(max_queue=max_queue))
+    server = Server(loop, ModelTable(bank, bank_dir), st.tokenizer, config, root=st.path.name)
+    loop.start()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning"))
+    web = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    web.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not uv.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 60 s")
+            time.sleep(0.01)
+        yield sock.getsockname()[1]
+    finally:
+        uv.should_exit = True
+        web.join(60)
+        loop.stop(60)
+        sock.close()
+
+
+def _medians(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (None where a round has none)."""
+    out = {}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds if r[key] is not None]
+        out[key] = None if not values else round(_quantile(values, 0.5), 2)
+    return out
+
+
 def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | None = None, requests: int = 64,
                     rate: float = 8.0, new_tokens: int = 64, batch_size: int = 32, experts: int = 10,
-                    dtype: str = "auto", threads: int | None = None, seed: int = 0) -> dict:
+                    dtype: str = "auto", threads: int | None = None, seed: int = 0, repeats: int = 2) -> dict:
     """Run the offline loop and the server on the same requests; write ``serve.json`` and ``serve.md``.
 
     Args:
@@ -183,85 +251,56 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
         dtype: student dtype (auto: as ``serve``).
         threads: torch CPU threads (default: torch's setting).
         seed: seed of the arrival times.
+        repeats: rounds; each runs both providers, in alternating order (a shared machine's load
+            drifts); figures are medians over the rounds.
     """
-    import multiprocessing
-    import socket
-
     import torch
-    import uvicorn
 
     from ..engine.atomic import atomic_write_text
     from ..engine.experts import ExpertBank
     from ..engine.generate import GenerationConfig, generate_detailed, parse_expert_spec
     from ..engine.inject import inject_experts
-    from ..engine.serve_api import ModelTable, Server, build_app
-    from ..engine.serve_loop import ServeConfig, ServeLoop
     from ..engine.student import load_student
     from .common import device_name, load_average, random_bank, versions
 
     if threads:
         torch.set_num_threads(threads)
     st = load_student(student, dtype=dtype)
-    names = [f"expert{i}" for i in range(experts)]
-    b = ExpertBank.load(bank, student=st) if bank else random_bank(st.model, names)
+    b = ExpertBank.load(bank, student=st) if bank else random_bank(st.model, [f"expert{i}" for i in range(experts)])
     handle = inject_experts(st.model, b)
     prompts, models = _prompts(requests), _models(list(b.names), requests)
     config = GenerationConfig(max_new_tokens=new_tokens, stop_strings=(), ignore_eos=True, batch_size=batch_size,
                               prompt_format=b.prompt_format)
-
-    # offline: every request at once, after a short warm-up run
     gates = torch.stack([parse_expert_spec(m, b) for m in models])  # (requests, E)
-    generate_detailed(st.model, st.tokenizer, prompts[:2], handle=handle, gates=gates[:2], config=config)
-    offline = generate_detailed(st.model, st.tokenizer, prompts, handle=handle, gates=gates, config=config)
-    off = {"wall_s": round(offline.seconds, 2), "tokens": offline.total_tokens,
-           "tokens_per_s": round(offline.total_tokens / offline.seconds, 1),
-           **_latency(offline.first_token_s, [])}
-
-    # the server, fed by a client process
-    loop = ServeLoop(st.model, st.tokenizer, handle, config, ServeConfig(max_queue=max(requests, 1)))
-    server = Server(loop, ModelTable(b, bank), st.tokenizer, config, root=st.path.name)
-    loop.start()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(build_app(server), log_level="warning"))
-    web = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    web.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not uv.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 60 s")
-            time.sleep(0.01)
-        port = sock.getsockname()[1]
-        bodies = [{"model": m, "prompt": p, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-                   "stream_options": {"include_usage": True}} for m, p in zip(models, prompts)]
-        run_clients(port, bodies[:1], [0.0])  # warm-up: the first request through the whole stack
-        arrivals = arrival_times(requests, rate, seed)
-        ctx = multiprocessing.get_context("spawn")
-        results = ctx.Queue()
-        client = ctx.Process(target=_client_process, args=(port, bodies, arrivals, results))
-        client.start()
-        status, records = results.get(timeout=3600)
-        client.join(60)
-        if status != "ok":
-            raise RuntimeError(f"the client process failed: {records}")
-    finally:
-        uv.should_exit = True
-        web.join(60)
-        loop.stop(60)
-        sock.close()
-    srv = server_figures(records)
-    agree = sum(r["text"] == t for r, t in zip(records, offline.texts)) / requests
+    bodies = [{"model": m, "prompt": p, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}} for m, p in zip(models, prompts)]
+    arrivals = arrival_times(requests, rate, seed)
+    offline_name, server_name = "offline engine loop (all at once)", "server (Poisson arrivals)"
+    rounds: list[dict] = []
+    with _serving(st, handle, b, bank, config, max_queue=max(requests, 1)) as port:
+        # warm-up, outside the figures: a short offline run and one request through the whole stack
+        generate_detailed(st.model, st.tokenizer, prompts[:2], handle=handle, gates=gates[:2], config=config)
+        run_clients(port, bodies[:1], [0.0])
+        for k in range(repeats):
+            figures, texts = {}, {}
+            for name in (offline_name, server_name) if k % 2 == 0 else (server_name, offline_name):
+                if name == offline_name:
+                    figures[name], texts[name] = _offline_round(st, handle, prompts, gates, config)
+                else:
+                    figures[name], texts[name] = _server_round(port, bodies, arrivals)
+            agree = sum(a == o for a, o in zip(texts[server_name], texts[offline_name])) / requests
+            rounds.append({"figures": figures, "agreement": round(agree, 3),
+                           "ratio": figures[server_name]["tokens_per_s"] / figures[offline_name]["tokens_per_s"]})
 
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(st.device),
               **versions("fastapi", "uvicorn"), "load_average": load_average(), "student": str(st.path),
               "dtype": str(st.dtype), "bank": bank or f"{experts} random experts",
               "workload": {"requests": requests, "rate_per_s": rate, "new_tokens": new_tokens, "batch_size": batch_size,
                            "experts": len(b.names), "mixtures": sum("," in m for m in models), "seed": seed,
-                           "offered_tokens_per_s": round(rate * new_tokens, 1)},
-              "providers": {"offline engine loop (all at once)": off, "server (Poisson arrivals)": srv},
-              "server_vs_offline": round(srv["tokens_per_s"] / off["tokens_per_s"], 2),
-              "greedy_text_agreement": round(agree, 3)}
+                           "offered_tokens_per_s": round(rate * new_tokens, 1), "repeats": repeats},
+              "providers": {name: _medians([r["figures"][name] for r in rounds]) for name in (offline_name, server_name)},
+              "server_vs_offline": round(_quantile([r["ratio"] for r in rounds], 0.5), 2),
+              "greedy_text_agreement": min(r["agreement"] for r in rounds), "rounds": rounds}
     lines = _markdown(report, st.path.name)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "serve.json", json.dumps(report, indent=2) + "\n")
@@ -286,12 +325,13 @@ def _markdown(report: dict, student: str) -> list[str]:
         return "-" if x is None else f"{x:g}"
 
     for name, p in report["providers"].items():
-        lines.append(f"| {name} | {p['wall_s']:.2f} | {p['tokens']} | {p['tokens_per_s']:.1f} | "
+        lines.append(f"| {name} | {p['wall_s']:.2f} | {p['tokens']:.0f} | {p['tokens_per_s']:.1f} | "
                      f"{cell(p['ttft_p50_ms'])} | {cell(p['ttft_p99_ms'])} | {cell(p['tpot_p50_ms'])} | "
                      f"{cell(p['tpot_p99_ms'])} |")
-    lines += ["", f"server / offline throughput: {report['server_vs_offline']:.2f}x; greedy texts agree on "
-              f"{100 * report['greedy_text_agreement']:.0f}% of the requests", "",
+    lines += ["", f"Medians over {w['repeats']} rounds (each runs both, in alternating order). Server / offline "
+              f"throughput: {report['server_vs_offline']:.2f}x (median of the rounds' ratios); greedy texts agree on "
+              f"{100 * report['greedy_text_agreement']:.0f}% of the requests (the worst round).", "",
               "Offline TTFT is from the call's start (every request is there at once); it has no TPOT per request.",
               "", f"Command: `modecotd-engine bench serve --requests {w['requests']} --rate {w['rate_per_s']:g} "
-              f"--new-tokens {w['new_tokens']} --batch-size {w['batch_size']} --out DIR`"]
+              f"--new-tokens {w['new_tokens']} --batch-size {w['batch_size']} --repeats {w['repeats']} --out DIR`"]
     return lines

@@ -65,6 +65,8 @@ def register(subparsers) -> None:
                    help="student dtype (auto: as `serve`: bf16 on CUDA and on CPUs with native bf16)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
+    s.add_argument("--repeats", type=int, default=2,
+                   help="rounds; each runs both providers, in alternating order; figures are medians (default 2)")
     p.set_defaults(func=run)
 
 
@@ -98,6 +100,6 @@ def run(args: argparse.Namespace) -> int:
 
         run_serve_bench(out, student=args.student, bank=args.bank, requests=args.requests, rate=args.rate,
                         new_tokens=args.new_tokens, batch_size=args.batch_size, experts=args.experts,
-                        dtype=args.dtype, threads=args.threads, seed=args.seed)
+                        dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats)
     print(f"report written under {out}")
     return 0
