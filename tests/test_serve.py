@@ -18,15 +18,13 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
+import openai  # the test extra: the official client is the point of these tests, never skipped
 import pytest
 import torch
+import uvicorn
 
 from conftest import make_random_bank, make_tiny_student
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -382,7 +382,7 @@ def _pick_tokens(logits: torch.Tensor, samplers: Sequence[Sampler]) -> torch.Ten
     """(b, V) logits -> (b,) token ids, each row by its sampler: one call per distinct sampler (all
     greedy rows together in one argmax)."""
     first = samplers[0]
-    if all(s is first for s in samplers):
+    if all(s is first for s in samplers) or all(s.greedy for s in samplers):
         return _next_tokens(logits, first)
     groups: dict[object, list[int]] = {}
     for j, s in enumerate(samplers):
