@@ -33,8 +33,8 @@ CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{%
                  "{% if add_generation_prompt %}<assistant>{% endif %}")
 # Greedy requests run to max_tokens: the fixture's student never picks EOS (see `student_dir`) and the
 # server runs without stop strings and guards, so a long request stays in the batch for as many steps
-# as it asks for.
-FLAGS = ["--dtype", "float32", "--no-stop", "--no-answer-stop", "--no-loop-stop"]
+# as it asks for. On the CPU in float32, a row's numbers do not depend on the batch it shares.
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--no-stop", "--no-answer-stop", "--no-loop-stop"]
 LONG = 900  # tokens of a request that is still decoding while the test does other things
 WAIT_S = 60.0
 
@@ -595,7 +595,7 @@ def test_serve_bench_smoke(student_dir, tmp_path):
     from modecotd_engine.bench.serve import run_serve_bench
 
     rep = run_serve_bench(tmp_path / "bench", student=str(student_dir), requests=8, rate=100.0, new_tokens=6,
-                          batch_size=4, experts=3, dtype="float32", threads=1)
+                          batch_size=4, experts=3, device="cpu", dtype="float32", threads=1)
     assert rep["greedy_text_agreement"] == 1.0 and rep["workload"]["mixtures"] == 4 and len(rep["rounds"]) == 2
     for p in rep["providers"].values():
         assert p["tokens"] == 8 * 6 and p["tokens_per_s"] > 0 and p["ttft_p50_ms"] is not None

@@ -236,7 +236,8 @@ def _medians(rounds: list[dict]) -> dict:
 
 def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | None = None, requests: int = 64,
                     rate: float = 8.0, new_tokens: int = 64, batch_size: int = 32, experts: int = 10,
-                    dtype: str = "auto", threads: int | None = None, seed: int = 0, repeats: int = 2) -> dict:
+                    device: str | None = None, dtype: str = "auto", threads: int | None = None, seed: int = 0,
+                    repeats: int = 2) -> dict:
     """Run the offline loop and the server on the same requests; write ``serve.json`` and ``serve.md``.
 
     Args:
@@ -248,6 +249,7 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
         new_tokens: tokens each request generates.
         batch_size: rows decoding together at most (both providers).
         experts: random experts made when ``bank`` is None.
+        device: cpu, cuda, ... (default: cuda if available).
         dtype: student dtype (auto: as ``serve``).
         threads: torch CPU threads (default: torch's setting).
         seed: seed of the arrival times.
@@ -265,7 +267,7 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
 
     if threads:
         torch.set_num_threads(threads)
-    st = load_student(student, dtype=dtype)
+    st = load_student(student, dtype=dtype, device=device)
     b = ExpertBank.load(bank, student=st) if bank else random_bank(st.model, [f"expert{i}" for i in range(experts)])
     handle = inject_experts(st.model, b)
     prompts, models = _prompts(requests), _models(list(b.names), requests)

@@ -61,6 +61,7 @@ def register(subparsers) -> None:
     s.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate, requests per second (default 8)")
     s.add_argument("--new-tokens", type=int, default=64, help="tokens each request generates (default 64)")
     s.add_argument("--batch-size", type=int, default=32, help="rows decoding together at most (default 32)")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     s.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="student dtype (auto: as `serve`: bf16 on CUDA and on CPUs with native bf16)")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
@@ -100,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
         run_serve_bench(out, student=args.student, bank=args.bank, requests=args.requests, rate=args.rate,
                         new_tokens=args.new_tokens, batch_size=args.batch_size, experts=args.experts,
-                        dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats)
+                        device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats)
     print(f"report written under {out}")
     return 0
