@@ -22,7 +22,7 @@ from modecotd_engine.engine.generate import (
     generate_detailed,
     parse_expert_spec,
 )
-from modecotd_engine.engine import generate as generate_module
+from modecotd_engine.engine import decoder as decoder_module
 from modecotd_engine.engine.inject import inject_experts
 
 PROMPTS = [
@@ -135,7 +135,7 @@ def test_left_padding_does_not_change_results(injected, base_model, tokenizer, m
     near_alone = [generate(base_model, tokenizer, [p], config=NO_STOP)[0] for p in near]
     assert generate(base_model, tokenizer, near, config=NO_STOP) == near_alone
     # one prefill run for everything (no length runs): 230 pad tokens in front of "Hi"
-    monkeypatch.setattr(generate_module, "PREFILL_SPLIT_RATIO", 0.0)
+    monkeypatch.setattr(decoder_module, "PREFILL_SPLIT_RATIO", 0.0)
     batch = generate(base_model, tokenizer, [long_prompt, short, long_prompt[:20]], config=NO_STOP)
     assert batch[1] == alone
     model, handle = injected
@@ -176,7 +176,7 @@ def test_finished_rows_leave_the_batch(injected, tokenizer):
 
 
 def test_prefill_runs():
-    from modecotd_engine.engine.generate import _prefill_chunks
+    from modecotd_engine.engine.decoder import _prefill_chunks
 
     assert _prefill_chunks([62, 60, 53, 40, 39, 10], ratio=0.85) == [(0, 3), (3, 5), (5, 6)]
     assert _prefill_chunks([5], ratio=0.85) == [(0, 1)]
@@ -462,7 +462,7 @@ def test_answer_complete():
 def test_repetition_penalty_rule():
     logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
     seen = torch.tensor([[True, True, False, False]])
-    out = generate_module._penalise_repeats(logits, seen, 2.0)
+    out = decoder_module._penalise_repeats(logits, seen, 2.0)
     assert out.tolist() == [[1.0, -4.0, 1.0, -1.0]]
 
 

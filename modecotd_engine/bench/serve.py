@@ -260,8 +260,9 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
 
     from ..engine.atomic import atomic_write_text
     from ..engine.experts import ExpertBank
-    from ..engine.generate import GenerationConfig, generate_detailed, parse_expert_spec
+    from ..engine.generate import GenerationConfig, generate_detailed
     from ..engine.inject import inject_experts
+    from ..engine.selection import parse_expert_spec
     from ..engine.student import load_student
     from .common import device_name, load_average, random_bank, versions
 

@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 from ..engine.answers import TASK_TYPES
-from ..engine.generate import GenerationError
 from ..engine.atomic import atomic_write_text
-from .infer import (Selection, add_generation_args, add_model_args, frozen_selection,
-                    generation_config, load_model, mixture_selection, spec_selection)
+from ..engine.selection import GenerationError, Selection, frozen_selection, mixture_selection, spec_selection
+from .infer import add_generation_args, add_model_args, generation_config, load_model
 
 _DESCRIPTION = """\
 Score generations on evaluation files. Each record is {"input", "output"} where "output" is the gold

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ..engine.atomic import atomic_write_text
-from ..engine.generate import (LOOP_REPEATS, GenerationConfig, GenerationError, PromptError, Selection, encode_prompts,
-                               frozen_selection, generate_detailed, mixture_selection, model_context_length,
-                               spec_selection)
 from ..engine.data import PROMPT_FORMATS, format_prompt
+from ..engine.decoder import LOOP_REPEATS
+from ..engine.generate import GenerationConfig, PromptError, encode_prompts, generate_detailed, model_context_length
+from ..engine.selection import GenerationError, Selection, frozen_selection, mixture_selection, spec_selection
 from ..kernels import MODES
 
 _EPILOG = """\

@@ -249,6 +249,23 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     return ids
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id written in padded slots (always under an attention mask): the tokenizer's pad token.
+
+    ``load_student`` gives every tokenizer one (its EOS token when the files name none); a tokenizer
+    loaded elsewhere without one pads with EOS in the same way.
+
+    Raises:
+        ValueError: a tokenizer with neither a pad nor an EOS token.
+    """
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tokenizer, "eos_token_id", None)
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token")
+    return int(pad)
+
+
 def tokenize_records(
     records: Sequence[dict],
     tokenizer,

@@ -36,9 +36,9 @@ from .answers import TASK_TYPES, extract_answer, infer_task_type
 from .data import encode_prompt, format_prompt
 from .evaluate import majority_vote
 from .experts import ExpertBank
-from .generate import (GenerationConfig, GenerationError, Selection, frozen_selection, mixture_selection,
-                       parse_expert_spec)
+from .generate import GenerationConfig
 from .mixture import ROUTER_SUFFIX, load_mixture
+from .selection import GenerationError, Selection, frozen_selection, mixture_selection, parse_expert_spec
 from .serve_loop import Done, Failed, LoopClosed, Piece, QueueFull, ServeLoop, ServeRequest, Ticket
 
 log = logging.getLogger(__name__)

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import (DecodeRow, Decoder, GenerationConfig, GenerationError, Sampler, Selection,
-                       model_context_length, token_budget)
+from .decoder import DecodeRow, Decoder, Sampler, token_budget
+from .generate import GenerationConfig, model_context_length
+from .selection import GenerationError, Selection
 
 log = logging.getLogger(__name__)
 
