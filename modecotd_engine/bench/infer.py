@@ -158,11 +158,11 @@ class _Bench:
 
     def _hf_generate(self, prompts: list[str], new_tokens: int, adapter_names=None, clock: _Clock | None = None):
         """``PeftModel.generate`` on left-padded prompts; ``clock`` times the generate call itself."""
-        from ..engine.data import encode_prompt
+        from ..engine.data import encode_prompt, pad_token_id
 
         ids = [encode_prompt(self.tok, p) for p in prompts]
         width = max(len(r) for r in ids)
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        pad = pad_token_id(self.tok)
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         for j, r in enumerate(ids):  # left padding, as for our loop

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .common import device_name, versions
-from ..engine.data import BatchPlan, tokenize_records
+from ..engine.data import BatchPlan, pad_token_id, tokenize_records
 from ..engine.atomic import atomic_write_text
 from ..engine.attention import select_attention
 from ..engine.distill import LossModule, TrainConfig, lr_at, train_step
@@ -42,7 +42,7 @@ def _plan(student, tasks, n_train, batch_size, max_len, seed):
                                     max_len=max_len)[0] for t in tasks}
     index = {t: i for i, t in enumerate(sorted(tasks))}
     return BatchPlan(examples, batch_size=batch_size, seed=seed, task_index=index,
-                     pad_id=student.tokenizer.pad_token_id), index
+                     pad_id=pad_token_id(student.tokenizer)), index
 
 
 def _ours(student, plan, index, cfg: TrainConfig, steps: int, device) -> dict:

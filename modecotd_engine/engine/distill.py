@@ -28,12 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..kernels.ops import BACKENDS
-from .data import MISSING_MARKER_POLICIES, PROMPT_FORMATS, BatchPlan, read_task_dir, read_task_file, tokenize_records
+from .data import (MISSING_MARKER_POLICIES, PROMPT_FORMATS, BatchPlan, pad_token_id, read_task_dir, read_task_file,
+                   tokenize_records)
 from .experts import DEFAULT_TARGETS, ExpertBank
 from .inject import inject_experts
 from .loss import supervised_loss
 from .optim import ExpertAdamW
-from .student import DTYPE_CHOICES, load_student, model_attention
+from .student import DTYPE_CHOICES, default_device, load_student, model_attention
 
 log = logging.getLogger("modecotd_engine.distill")
 
@@ -225,7 +226,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     if main:
         print(f"run directory: {out}")
-    device = torch.device(cfg.device) if cfg.device else _default_device(rank)
+    device = torch.device(cfg.device) if cfg.device else default_device(rank)
     student = load_student(cfg.student, dtype=cfg.dtype, device=device, attention=cfg.attention)
     dtype = student.dtype
     if main:
@@ -243,7 +244,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         _report_data(task_files, tok_stats)
     plan = BatchPlan(examples, batch_size=cfg.batch_size, seed=cfg.seed, task_index=task_index,
-                     pad_id=tok.pad_token_id)
+                     pad_id=pad_token_id(tok))
 
     bank = ExpertBank.create(model, names, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
                              student=student.identity, seed=cfg.seed, shared_init=cfg.shared_init,
@@ -516,14 +517,6 @@ def _init_distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
-
-
-def _default_device(rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
 
 
 def _all_reduce_sum(x: float) -> float:

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .answers import answers_match, extract_answer, infer_task_type
-from .data import Batch, DataError, collate, tokenize_records
+from .data import Batch, DataError, collate, pad_token_id, tokenize_records
 from .experts import ExpertBank
 from .inject import MixtureHandle, MixtureLinear, inject_experts
 from .loss import supervised_loss
@@ -104,8 +104,7 @@ def prepare_shots(
         raise DataError(f"every shot is longer than max_len={max_len} tokens in its output alone", path="shots")
     if stats["dropped"]:
         log.warning("%d of %d shots dropped: output longer than max_len=%d", stats["dropped"], len(shots), max_len)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return [collate(examples[i:i + batch_size], {target: 0}, pad).to(device)
+    return [collate(examples[i:i + batch_size], {target: 0}, pad_token_id(tokenizer)).to(device)
             for i in range(0, len(examples), batch_size)]
 
 
@@ -382,7 +381,7 @@ def train_router(
         examples[task] = exs
     tasks = list(examples)
     task_index = {t: i for i, t in enumerate(tasks)}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     device = next(iter(handle.layers.values())).base.weight.device
     params = handle.attach_router(top_k=top_k, trainable=True, seed=seed)
     opt = torch.optim.Adam(params, lr=lr)

@@ -66,10 +66,13 @@ class LocalTeacher:
         import torch
         from transformers import GenerationConfig
 
+        from ..data import pad_token_id
+
         tok = self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if pad_id is None:
-            raise TeachError("the teacher's tokenizer has neither a pad nor an eos token")
+        try:
+            pad_id = pad_token_id(tok)
+        except ValueError:
+            raise TeachError("the teacher's tokenizer has neither a pad nor an eos token") from None
         do_sample = config.temperature > 0
         # Greedy decoding gives one answer; K copies of it would only be removed as duplicates.
         n = config.samples if do_sample else 1
