@@ -105,9 +105,24 @@ class Student:
 # Arguments
 
 
+def default_device(rank: int | None = None) -> torch.device:
+    """The device used where none is named: CUDA when available, else the CPU.
+
+    With ``rank`` (a process of a distributed run) the process takes its own GPU, ``LOCAL_RANK``
+    (else ``rank``), and makes it the current one.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if rank is None:
+        return torch.device("cuda")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
@@ -133,19 +148,25 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def auto_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype ``"auto"`` means: bfloat16 on CUDA and on CPUs with native bf16 math, else float32."""
-    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+def auto_dtype(device: torch.device | str, *, cpu_bf16: bool | None = None) -> torch.dtype:
+    """The one rule for a dtype that is not named: bfloat16 on CUDA; on a CPU bfloat16 where
+    ``cpu_bf16`` (default: where the CPU multiplies bf16 natively, :func:`cpu_has_native_bf16`),
+    else float32.
+
+    ``dtype="auto"`` is this rule; ``dtype=None`` (``load_student``'s default) is this rule with
+    ``cpu_bf16=False``: float32 on every CPU, where results stay exact (``train``, ``infer``, ``eval``
+    and ``serve`` default to "auto").
+    """
+    if torch.device(device).type == "cuda":
         return torch.bfloat16
-    return torch.float32
+    if cpu_bf16 is None:
+        cpu_bf16 = cpu_has_native_bf16()
+    return torch.bfloat16 if cpu_bf16 else torch.float32
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, str) and dtype == "auto":
-        return auto_dtype(device)
-    if dtype is None:
-        # bf16 halves memory on GPUs with native support; CPUs keep fp32 for speed and exactness.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return auto_dtype(device, cpu_bf16=False if dtype is None else None)
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise StudentError(f"unsupported student dtype {dtype}; use float32, bfloat16 or float16")
@@ -314,8 +335,9 @@ def load_student(
         path: model directory (config.json, model.safetensors or sharded safetensors + index,
             tokenizer files). None: the built-in SmolLM2-135M-Instruct (``default_student_dir()``).
         dtype: weight dtype (torch dtype or "float32" / "bfloat16" / "float16", or "auto": see
-            :func:`auto_dtype`). Default: float32 on CPU, bfloat16 on CUDA.
-        device: target device. Default: "cuda" when available, else "cpu".
+            :func:`auto_dtype`). Default: :func:`auto_dtype` without bf16 on the CPU, so float32 on
+            CPU, bfloat16 on CUDA.
+        device: target device. Default: :func:`default_device` ("cuda" when available, else "cpu").
         attention: "auto" (the engine's grouped attention on CPU with bf16/fp16 weights, where it is
             measured faster; transformers' default elsewhere), "grouped", or a transformers name
             ("sdpa", "eager", ...). See :mod:`modecotd_engine.engine.attention`.
