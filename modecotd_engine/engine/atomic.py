@@ -1,23 +1,33 @@
-"""File helpers: atomic writes (a reader sees the old file or the new one, never half of one) and
-content digests.
+"""File helpers: atomic writes (a reader sees the old file or the new one, never half of one),
+directories renamed into place, and content digests. Every durable write of the engine goes
+through here.
 
-The data goes to a hidden temporary file beside the target (same filesystem), is flushed to disk,
-and replaces the target in one ``os.replace``. A crash leaves at most a ``.NAME.PID.tmp`` file,
-which the readers of this project ignore (hidden files are never tasks, banks or reports).
+A file goes to a hidden temporary file beside the target (same filesystem), is flushed to disk,
+and replaces the target in one ``os.replace`` (:func:`replacing`, and :func:`atomic_write_text`,
+:func:`atomic_write_bytes`, :func:`atomic_save_tensors` on top of it). A crash leaves at most a
+``.NAME.PID.tmp`` file, which the readers of this project ignore (hidden files are never tasks,
+banks or reports). A directory (a checkpoint, a converted student, built-in task files) is written
+under a temporary name, flushed file by file (:func:`fsync_tree`) and renamed into place
+(:func:`replace_dir`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 @contextmanager
-def _replacing(path: str | Path):
-    """Yield a temporary path beside ``path``; on success its file is flushed to disk and renamed
-    over ``path``, on any error it is removed."""
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (parent directories created) for the caller to write;
+    on success its file is flushed to disk and renamed over ``path``, on any error it is removed.
+
+    The temporary name ends in ``.tmp``: a writer that picks its format from the file name (e.g.
+    matplotlib's ``savefig``) must be told the format.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -33,7 +43,7 @@ def _replacing(path: str | Path):
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories created); returns the path."""
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
@@ -50,9 +60,46 @@ def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str
     """
     from safetensors.torch import save_file
 
-    with _replacing(path) as tmp:
+    with replacing(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     return Path(path)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """Flush every file under ``root`` and ``root`` itself, so a directory renamed into place never
+    holds empty files after a crash."""
+    root = Path(root)
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(root)
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Move the finished directory ``tmp`` to ``final`` durably: flush its files (:func:`fsync_tree`),
+    rename it (``os.replace``: ``final`` must not exist or be empty; a caller that replaces an older
+    copy removes it first) and flush the parent's entry. Returns ``final``.
+    """
+    final = Path(final)
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    return final
 
 
 def sha256_file(path: str | Path) -> str:

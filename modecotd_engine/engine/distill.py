@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..kernels.ops import BACKENDS
+from .atomic import atomic_write_text, replace_dir, replacing
 from .data import (MISSING_MARKER_POLICIES, PROMPT_FORMATS, BatchPlan, pad_token_id, read_task_dir, read_task_file,
                    tokenize_records)
 from .experts import DEFAULT_TARGETS, ExpertBank
@@ -321,12 +322,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             result.accuracy_after = {t: r.accuracy for t, r in results_after.items()}
             result.accuracy_before = {t: r.accuracy for t, r in results_before.items()}
             result.table = _before_after_table(results_before, results_after)
-            (out / "accuracy.md").write_text(result.table + "\n")
-            with open(out / "accuracy.json", "w") as f:
-                json.dump({"before": result.accuracy_before, "after": result.accuracy_after}, f, indent=2)
-        with open(out / "summary.json", "w") as f:
-            json.dump({"steps": cfg.steps, "world_size": world, "final_loss": loss_val, "tokens_per_s": result.tokens_per_s,
-                       "bank": str(bank_dir), "config": asdict(cfg)}, f, indent=2, default=str)
+            atomic_write_text(out / "accuracy.md", result.table + "\n")
+            atomic_write_text(out / "accuracy.json",
+                              json.dumps({"before": result.accuracy_before, "after": result.accuracy_after}, indent=2))
+        atomic_write_text(out / "summary.json", json.dumps(
+            {"steps": cfg.steps, "world_size": world, "final_loss": loss_val, "tokens_per_s": result.tokens_per_s,
+             "bank": str(bank_dir), "config": asdict(cfg)}, indent=2, default=str))
     if world > 1:
         dist.barrier()
     return result
@@ -347,7 +348,7 @@ def _load_tasks(cfg: TrainConfig, out: Path, main: bool):
             tmp = out / ".data.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             write_builtin(tmp, n_train=cfg.n_train, n_eval=max(cfg.n_eval, 1), seed=cfg.seed)
-            os.replace(tmp, data_dir)
+            replace_dir(tmp, data_dir)
         if dist.is_initialized():
             dist.barrier()
         files = read_task_dir(data_dir / "train", missing_marker=cfg.missing_marker)
@@ -408,8 +409,7 @@ def _evaluate(model, tok, handle, bank, eval_sets, cfg, label, out: Path):
     pred_dir = out / f"predictions-{label}"
     pred_dir.mkdir(exist_ok=True)
     for t, r in res.items():  # what the student wrote, for reading the table's numbers
-        with open(pred_dir / f"{t}.jsonl", "w") as f:
-            f.writelines(json.dumps(p) + "\n" for p in r.predictions)
+        atomic_write_text(pred_dir / f"{t}.jsonl", "".join(json.dumps(p) + "\n" for p in r.predictions))
     print(f"held-out accuracy {label} training ({time.perf_counter() - t0:.0f} s): "
           + ", ".join(f"{t} {r.accuracy:.0%}" for t, r in res.items()))
     return res
@@ -444,16 +444,10 @@ def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, 
     tensors.update({f"opt.{k}": v for k, v in opt.state_tensors().items()})
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "trainer.safetensors"))
     (tmp / "trainer.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2, default=str))
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
     if final.exists():
         shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    replace_dir(tmp, final)
+    atomic_write_text(root / "latest", final.name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-CHECKPOINT_KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -465,9 +459,7 @@ def _keep_metrics_before(path: Path, start: int) -> None:
     if not path.exists():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _latest_checkpoint(root: Path) -> Path | None:
@@ -568,7 +560,6 @@ def _plot_losses(metrics_path: Path, png: Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, png)

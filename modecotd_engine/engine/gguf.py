@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import sha256_file
+from .atomic import fsync_dir, fsync_tree, sha256_file
 from .student_files import (
     CONFIG_FILE,
     CONVERSION_FILE,
@@ -79,7 +79,6 @@ def find_default_gguf() -> Path:
     )
 
 
-
 def _default_modes(root: Path) -> None:
     """Give ``root`` and its files the modes a plain mkdir/open would (umask applied).
 
@@ -91,28 +90,6 @@ def _default_modes(root: Path) -> None:
         if path.is_file():
             path.chmod(0o666 & ~umask)
     root.chmod(0o777 & ~umask)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and the directory itself, so a renamed directory never holds empty files after a crash."""
-    for path in root.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # GGUF tensor names (llama.cpp's) -> Hugging Face parameter names; per-layer ones under ``blk.N.``.
@@ -352,7 +329,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         provenance["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / CONVERSION_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         _default_modes(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         try:
             os.rename(tmp, out)
         except OSError as exc:
@@ -360,7 +337,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return out
             raise StudentError(f"cannot move the converted student into {out}: {exc}") from None
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

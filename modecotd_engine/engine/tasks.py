@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -358,7 +357,5 @@ def write_builtin(out_dir: Path, *, n_train: int = 200, n_eval: int = 50, n_shot
         },
         "files": files,
     }
-    tmp = out_dir / f".tasks.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "tasks.json")
+    atomic_write_text(out_dir / "tasks.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
