@@ -183,6 +183,21 @@ class MixtureHandle:
         finally:
             self.state.gates = previous
 
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Give the handle back on exit as it was on entry: its mode, its gates and its routers (a
+        copy of each, at the same top-k; none if it had none), whatever the body changed."""
+        mode, gates = self.state.mode, self.state.gates
+        routers = self.router_state() if self.has_router else None
+        top_k = next(iter(self.layers.values())).top_k
+        try:
+            yield
+        finally:
+            self.detach_router()
+            if routers is not None:
+                self.attach_router(routers, top_k=top_k)
+            self.state.mode, self.state.gates = mode, gates
+
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

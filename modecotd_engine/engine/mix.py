@@ -20,6 +20,16 @@ Methods:
 Cost model: the experts are injected ONCE; evaluating a candidate is one forward pass over the
 shots with new gate values (``handle.set_gates``), under ``torch.no_grad`` for the search. No state
 dict is rewritten, no weight is merged, the model is never reloaded.
+
+:func:`mix` checks its arguments, borrows the injected model (``_mixing``: a caller's handle is
+given back as it came, through ``MixtureHandle.restoring``), runs the method named in
+``MIX_METHODS`` (each takes a :class:`MixCall` and returns what it :class:`Found`), optionally
+checks finalists by generation, and returns the ``Mixture``.
+
+Which "mix" is which: ``engine/mix.py`` finds the gates (the mixing methods, :func:`mix`),
+``engine/mixture.py`` saves and loads the result (``Mixture``, the file format), the kernels' op
+``lora_mixture`` (``kernels/ops.py``) applies gate rows to the experts inside a layer,
+``cli/mix.py`` is the ``mix`` command and ``bench/mix.py`` its benchmark.
 """
 
 from __future__ import annotations
@@ -29,8 +39,8 @@ import math
 import random
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -570,102 +580,201 @@ def mix(
     if finalists < 0:
         raise ValueError(f"finalists must be >= 0, got {finalists}")
 
-    own = handle is None
-    if own:
-        handle = inject_experts(model, bank, mode=mode, backend=backend)
-    previous_mode, previous_gates = handle.state.mode, handle.state.gates
-    previous_router = handle.router_state() if handle.has_router else None
-    previous_top_k = next(iter(handle.layers.values())).top_k
-    handle.set_mode(mode)
-    handle.detach_router()
-    was_training = model.training
-    model.eval()  # dropout off: the objective must be deterministic
-    e = bank.num_experts
-    t0 = time.perf_counter()
-    try:
+    with _mixing(model, bank, handle, mode, backend) as handle:
+        t0 = time.perf_counter()
         objective = ShotsObjective(handle, batches, l1)
-        zero = torch.zeros(e)
         # gradient in output mode evaluates w = 0 at its first step; everything else measures it here.
-        loss_before = None if (method == "gradient" and mode == "output") else objective.loss(zero)
-        info: dict = {"shots": len(shots), "shots_tokens": objective.total, "shots_batches": len(batches)}
-        router_state = None
-        if method == "search":
-            known = [(torch.eye(e)[i], objective(torch.eye(e)[i])) for i in range(e)] if probe_experts else []
-            start = min([(zero, loss_before)] + known, key=lambda p: p[1])[0]
-            res = search_weights(objective, e, budget=budget, bounds=(lo, hi), seed=seed, start_value=loss_before,
-                                 start=start, known=known)
-            w = res.weights
-            info.update(budget=budget, l1=l1, bounds=[lo, hi], optimizer="nevergrad.NGOpt", trace=res.trace,
-                        probed={n: v for n, (_, v) in zip(bank.names, known)},
-                        start=[round(float(x), 4) for x in start])
-        elif method == "gradient":
-            lr_used = DEFAULT_GRADIENT_LR if lr is None else float(lr)
-            start = torch.full((e,), 1.0 / e) if mode == "weight" else None
-            res = gradient_weights(objective, e, budget=budget, bounds=(lo, hi), lr=lr_used, start=start,
-                                   start_value=loss_before)
-            w = res.weights
-            if loss_before is None:
-                loss_before = res.trace[0]  # the first step was w = 0, where f has no L1 part
-            info.update(budget=budget, l1=l1, bounds=[lo, hi], optimizer="adam", lr=lr_used,
-                        start="uniform 1/E" if start is not None else "0", trace=res.trace)
-        elif method == "uniform":
-            w = torch.full((e,), 1.0 / e)
-        else:  # router
-            lr_used = DEFAULT_ROUTER_LR if lr is None else float(lr)
-            losses = train_router(handle, tokenizer, router_data, steps=budget, top_k=top_k, seed=seed, lr=lr_used,
-                                  max_len=max_len)
-            router_state = handle.router_state()
-            w = mean_routing(handle, batches)
-            info.update(steps=budget, lr=lr_used, router_tasks=sorted(router_data), router_losses=losses,
-                        weights_are="mean routed gate on the shots")
-        if method == "router":
-            loss_after = objective_after = _router_shots_loss(handle, objective)
-        elif method == "uniform":
-            loss_after = objective.loss(w)
-            objective_after = loss_after + float(objective.penalty(w))
-        else:  # search and gradient evaluated their best w already: no extra forward
-            objective_after = res.objective
-            loss_after = res.objective - float(objective.penalty(w))
+        loss_before = None if (method == "gradient" and mode == "output") else objective.loss(torch.zeros(bank.num_experts))
+        call = MixCall(bank=bank, handle=handle, tokenizer=tokenizer, objective=objective, mode=mode, budget=budget,
+                       bounds=(lo, hi), l1=l1, seed=seed, lr=lr, top_k=top_k, max_len=max_len,
+                       router_data=router_data, probe_experts=probe_experts, loss_before=loss_before)
+        found = MIX_METHODS[method](call)
+        info: dict = {"shots": len(shots), "shots_tokens": objective.total, "shots_batches": len(batches), **found.info}
+        if found.loss_before is not None:
+            loss_before = found.loss_before
+        w, objective_after, loss_after = found.weights, found.objective, found.loss
         if finalists and method != "router":
-            ranked = res.ranked if method == "search" else []
-            pool = ranked[:finalists] if method == "search" else [(w, objective_after)]
-            cached = {c.double().numpy().tobytes(): v for c, v in ranked}
-
-            def value(c: torch.Tensor) -> float:
-                known = cached.get(c.double().numpy().tobytes())
-                if known is not None:
-                    return known
-                return (loss_before if loss_before is not None else objective.loss(zero)) if not c.any() else objective(c)
-
-            # the prior kept on a tie: a seen target's own expert, else the frozen student
-            prior = torch.eye(e)[bank.names.index(target)] if target in bank.names else zero
-            for c in (prior, zero):
-                if not any(torch.equal(c, p) for p, _ in pool):
-                    pool.append((c, value(c)))
-            default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
-            chosen, checked = pick_by_generation(handle, tokenizer, shots, target, pool,
-                                                 _verify_config(bank, verify_max_new_tokens), default=default)
-            w, objective_after = pool[chosen]
+            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists, verify_max_new_tokens,
+                                                           loss_before)
             loss_after = objective_after - float(objective.penalty(w))
-            info.update(selection="generation on the shots", finalists=checked, chosen=chosen, prior=default)
+            info.update(checked)
         info.update(objective_before=loss_before, objective_after=objective_after,
                     seconds=round(time.perf_counter() - t0, 3))
-        evaluations = objective.evaluations + (budget if method == "router" else 0)
-    finally:
-        if own:
-            handle.remove()
-        else:
-            handle.detach_router()
-            if previous_router is not None:
-                handle.attach_router(previous_router, top_k=previous_top_k)
-            handle.state.mode, handle.state.gates = previous_mode, previous_gates
-        model.train(was_training)
+        evaluations = objective.evaluations + found.steps
     weights = {n: float(w[i]) for i, n in enumerate(bank.names)}
     return Mixture(
         experts=list(bank.names), weights=weights, mode=mode, method=method, seed=seed, target=target,
         bank=bank_record(bank, bank_dir), shots_loss_before=loss_before, shots_loss_after=loss_after,
-        evaluations=evaluations, top_k=top_k if method == "router" else 0, info=info, router_state=router_state,
+        evaluations=evaluations, top_k=top_k if method == "router" else 0, info=info, router_state=found.router_state,
     )
+
+
+@contextmanager
+def _mixing(model: nn.Module, bank: ExpertBank, handle: MixtureHandle | None, mode: str,
+            backend: str) -> Iterator[MixtureHandle]:
+    """The injected model of one :func:`mix` call: in ``mode``, without routers, in eval mode (dropout
+    off: the objective must be deterministic). A caller's handle is given back as it came (mode,
+    gates, routers); one injected here is removed. The model's training flag is restored."""
+    own = handle is None
+    if own:
+        handle = inject_experts(model, bank, mode=mode, backend=backend)
+    was_training = model.training
+    try:
+        with nullcontext() if own else handle.restoring():
+            handle.set_mode(mode)
+            handle.detach_router()
+            model.eval()
+            yield handle
+    finally:
+        if own:
+            handle.remove()
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------ method table
+@dataclass
+class MixCall:
+    """What a method of :func:`mix` works with: the injected handle, the shots' objective and the
+    call's settings (``mix``'s arguments of the same names, ``bounds`` as floats)."""
+
+    bank: ExpertBank
+    handle: MixtureHandle
+    tokenizer: object
+    objective: ShotsObjective
+    mode: str
+    budget: int
+    bounds: tuple[float, float]
+    l1: float
+    seed: int
+    lr: float | None
+    top_k: int
+    max_len: int
+    router_data: Mapping[str, Sequence[dict]] | None
+    probe_experts: bool
+    loss_before: float | None  # f(0) without the L1 part, None where the method measures it itself
+
+    @property
+    def num_experts(self) -> int:
+        return self.bank.num_experts
+
+
+@dataclass
+class Found:
+    """What a method of :func:`mix` found.
+
+    Attributes:
+        weights: (E,) the gate vector (a router's: its mean gate on the shots).
+        objective: the objective there (a router's: the CE on the shots with the routers on).
+        loss: its CE part (no L1).
+        info: the method's entries of ``Mixture.info``.
+        ranked: distinct evaluated candidates, best first, for the check by generation; None: the
+            result alone is a finalist.
+        router_state: the trained routers (router method only).
+        loss_before: f(0) where the method measured it (gradient in output mode), else None.
+        steps: training steps counted as evaluations besides the objective's (router method).
+    """
+
+    weights: torch.Tensor
+    objective: float
+    loss: float
+    info: dict = field(default_factory=dict)
+    ranked: list[tuple[torch.Tensor, float]] | None = None
+    router_state: dict | None = None
+    loss_before: float | None = None
+    steps: int = 0
+
+
+def _mix_search(call: MixCall) -> Found:
+    e, objective = call.num_experts, call.objective
+    zero = torch.zeros(e)
+    known = [(torch.eye(e)[i], objective(torch.eye(e)[i])) for i in range(e)] if call.probe_experts else []
+    start = min([(zero, call.loss_before)] + known, key=lambda p: p[1])[0]
+    res = search_weights(objective, e, budget=call.budget, bounds=call.bounds, seed=call.seed,
+                         start_value=call.loss_before, start=start, known=known)
+    lo, hi = call.bounds
+    info = dict(budget=call.budget, l1=call.l1, bounds=[lo, hi], optimizer="nevergrad.NGOpt", trace=res.trace,
+                probed={n: v for n, (_, v) in zip(call.bank.names, known)},
+                start=[round(float(x), 4) for x in start])
+    # search evaluated its best w already: no extra forward
+    return Found(res.weights, res.objective, res.objective - float(objective.penalty(res.weights)), info,
+                 ranked=res.ranked)
+
+
+def _mix_gradient(call: MixCall) -> Found:
+    e = call.num_experts
+    lr = DEFAULT_GRADIENT_LR if call.lr is None else float(call.lr)
+    start = torch.full((e,), 1.0 / e) if call.mode == "weight" else None
+    res = gradient_weights(call.objective, e, budget=call.budget, bounds=call.bounds, lr=lr, start=start,
+                           start_value=call.loss_before)
+    lo, hi = call.bounds
+    info = dict(budget=call.budget, l1=call.l1, bounds=[lo, hi], optimizer="adam", lr=lr,
+                start="uniform 1/E" if start is not None else "0", trace=res.trace)
+    # the first step was w = 0, where f has no L1 part
+    loss_before = res.trace[0] if call.loss_before is None else None
+    return Found(res.weights, res.objective, res.objective - float(call.objective.penalty(res.weights)), info,
+                 loss_before=loss_before)
+
+
+def _mix_uniform(call: MixCall) -> Found:
+    w = torch.full((call.num_experts,), 1.0 / call.num_experts)
+    loss = call.objective.loss(w)
+    return Found(w, loss + float(call.objective.penalty(w)), loss)
+
+
+def _mix_router(call: MixCall) -> Found:
+    lr = DEFAULT_ROUTER_LR if call.lr is None else float(call.lr)
+    losses = train_router(call.handle, call.tokenizer, call.router_data, steps=call.budget, top_k=call.top_k,
+                          seed=call.seed, lr=lr, max_len=call.max_len)
+    router_state = call.handle.router_state()
+    w = mean_routing(call.handle, call.objective.batches)
+    info = dict(steps=call.budget, lr=lr, router_tasks=sorted(call.router_data), router_losses=losses,
+                weights_are="mean routed gate on the shots")
+    loss = _router_shots_loss(call.handle, call.objective)
+    return Found(w, loss, loss, info, router_state=router_state, steps=call.budget)
+
+
+# Method name (``mixture.METHODS``) -> how :func:`mix` runs it.
+MIX_METHODS: dict[str, Callable[[MixCall], Found]] = {
+    "search": _mix_search,
+    "gradient": _mix_gradient,
+    "router": _mix_router,
+    "uniform": _mix_uniform,
+}
+assert set(MIX_METHODS) == set(METHODS), "every mixing method needs an entry in MIX_METHODS"
+
+
+def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str, finalists: int,
+                     max_new_tokens: int, loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
+    """The check by generation of :func:`mix` (``finalists`` > 0): the best ``finalists`` ranked
+    candidates (the result alone without a ranking), the prior (a seen target's own expert, else
+    w = 0) and w = 0 answer the shots; :func:`pick_by_generation` chooses, the prior kept on a tie.
+
+    Returns:
+        ``(chosen w, its objective, the Mixture.info entries of the check)``.
+    """
+    bank, objective, e = call.bank, call.objective, call.num_experts
+    zero = torch.zeros(e)
+    ranked = found.ranked if found.ranked is not None else []
+    pool = ranked[:finalists] if found.ranked is not None else [(found.weights, found.objective)]
+    cached = {c.double().numpy().tobytes(): v for c, v in ranked}
+
+    def value(c: torch.Tensor) -> float:
+        known = cached.get(c.double().numpy().tobytes())
+        if known is not None:
+            return known
+        return (loss_before if loss_before is not None else objective.loss(zero)) if not c.any() else objective(c)
+
+    # the prior kept on a tie: a seen target's own expert, else the frozen student
+    prior = torch.eye(e)[bank.names.index(target)] if target in bank.names else zero
+    for c in (prior, zero):
+        if not any(torch.equal(c, p) for p, _ in pool):
+            pool.append((c, value(c)))
+    default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
+    chosen, checked = pick_by_generation(call.handle, call.tokenizer, shots, target, pool,
+                                         _verify_config(bank, max_new_tokens), default=default)
+    w, objective_after = pool[chosen]
+    return w, objective_after, dict(selection="generation on the shots", finalists=checked, chosen=chosen,
+                                    prior=default)
 
 
 def _verify_config(bank: ExpertBank, max_new_tokens: int):
