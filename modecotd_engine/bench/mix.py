@@ -20,6 +20,11 @@ candidate of each in turn (the side that goes first alternates), and each side's
 of its own steps: on a shared machine a burst of load then hits both sides alike, where timing one
 whole search after the other let the load swing the ratio by 2x. Wall time and process CPU time
 are both reported; ``repeats`` lockstep runs give the median.
+
+Which "mix" is which: ``engine/mix.py`` finds the gates (the mixing methods, :func:`mix`),
+``engine/mixture.py`` saves and loads the result (``Mixture``, the file format), the kernels' op
+``lora_mixture`` (``kernels/ops.py``) applies gate rows to the experts inside a layer,
+``cli/mix.py`` is the ``mix`` command and ``bench/mix.py`` its benchmark.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""`modecotd-engine mix`: find how to combine a bank's experts for a target task from a few examples."""
+"""`modecotd-engine mix`: find how to combine a bank's experts for a target task from a few examples.
+
+Which "mix" is which: ``engine/mix.py`` finds the gates (the mixing methods, :func:`mix`),
+``engine/mixture.py`` saves and loads the result (``Mixture``, the file format), the kernels' op
+``lora_mixture`` (``kernels/ops.py``) applies gate rows to the experts inside a layer,
+``cli/mix.py`` is the ``mix`` command and ``bench/mix.py`` its benchmark.
+"""
 
 from __future__ import annotations
 

@@ -18,6 +18,11 @@ A router mixture (``method: "router"``) also has ``<name>.router.safetensors`` b
 
 Both files are written to temporary names and renamed into place, the JSON last, and the JSON
 records the router file's sha256, so a half-written pair is detected on load.
+
+Which "mix" is which: ``engine/mix.py`` finds the gates (the mixing methods, :func:`mix`),
+``engine/mixture.py`` saves and loads the result (``Mixture``, the file format), the kernels' op
+``lora_mixture`` (``kernels/ops.py``) applies gate rows to the experts inside a layer,
+``cli/mix.py`` is the ``mix`` command and ``bench/mix.py`` its benchmark.
 """
 
 from __future__ import annotations
