@@ -5,7 +5,7 @@ Requests arrive at any time on a bounded queue (:meth:`ServeLoop.submit`). At ea
 1. drops the rows of requests that were cancelled (a client that went away) or ran past their
    deadline, and removes such requests from the queue;
 2. admits waiting requests in arrival order while the running batch has room: their prompts are
-   prefilled and their KV rows and gate rows join the batch (``generate.Decoder``), so requests with
+   prefilled and their KV rows and gate rows join the batch (``decoder.Decoder``), so requests with
    different experts and mixtures decode in the same forward;
 3. picks one token for every running row, reports text and finished rows to each request's
    ``on_event`` callback, and feeds the tokens back (one forward for the whole batch).
@@ -191,7 +191,7 @@ class StepRecord:
 
 
 class ServeLoop:
-    """The engine loop of the server: a queue in front of a :class:`~.generate.Decoder`, run by one
+    """The engine loop of the server: a queue in front of a :class:`~.decoder.Decoder`, run by one
     background thread that owns the model.
 
     Args:
