@@ -103,3 +103,19 @@ def test_reproduce_refuses_a_bad_layout(tmp_path, tiny_student_dir):
 
         reproduce(ReproduceConfig(data=str(tmp_path), out=str(tmp_path / "o"), student=str(tiny_student_dir)))
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
+
+
+def test_reproduce_skip_leaves_systems_out(layout, tiny_student_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["reproduce", "--data", str(layout), "--out", str(out), "--student", str(tiny_student_dir),
+            "--tasks", "addsub", "--prompt-format", "plain", "--no-progress", "--skip", "multitask,search-output",
+            "--set", "steps=2", "--set", "heldout=3", "--set", "eval_limit=2", "--set", "max_new_tokens=4",
+            "--set", "budget=2", "--set", "finalists=2", "--set", "max_len=64", "--set", "batch_size=2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "[multitask] skipped" in printed and "[eval-search-output] skipped" in printed
+    assert not (out / "multitask").exists() and not (out / "mixtures" / "output").exists()
+    header = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| task |"))
+    assert " search-weight |" in header and " multitask |" not in header and " search-output |" not in header
+    assert main(argv[:-16] + ["--skip", "nope"] + argv[-16:]) == 2
+    assert "cannot skip ['nope']" in capsys.readouterr().err

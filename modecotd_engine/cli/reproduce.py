@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 
 from ..engine.data import PROMPT_FORMATS
-from ..engine.reproduce import PROFILES, Profile, ReproduceConfig, reproduce
+from ..engine.reproduce import PROFILES, SKIPPABLE, Profile, ReproduceConfig, reproduce
 
 _DESCRIPTION = """\
 Run the paper's protocol over a MoDE-CoTD data layout (train/ teacher rationales of the seen tasks,
@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a profile field, e.g. --set steps=400 --set eval_limit=100 (fields: "
                    + ", ".join(f.name for f in fields(Profile)) + ")")
+    p.add_argument("--skip", default="", metavar="SYSTEM[,SYSTEM]",
+                   help="systems not to build or evaluate, to save time (" + ", ".join(SKIPPABLE) + "); the report "
+                   "leaves their columns out; a later command without --skip builds them")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -89,7 +92,8 @@ def run(args) -> int:
                           tasks=tuple(t for t in args.tasks.split(",") if t),
                           unseen=tuple(t for t in args.unseen.split(",") if t), eval_dir=args.eval_dir,
                           prompt_format=args.prompt_format, student=args.student, seed=args.seed,
-                          progress=not args.no_progress, overrides=_overrides(args.set))
+                          progress=not args.no_progress, overrides=_overrides(args.set),
+                          skip=tuple(t for t in args.skip.split(",") if t))
     prof = cfg.resolved_profile()  # a bad profile or field fails before anything runs
     report = reproduce(cfg, header=_header(prof))
     print(report.read_text())

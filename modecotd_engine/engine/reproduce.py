@@ -93,24 +93,39 @@ class ReproduceConfig:
     seed: int = 0
     progress: bool = True
     overrides: dict = field(default_factory=dict)  # Profile fields to replace
+    skip: tuple[str, ...] = ()  # systems not to build or evaluate (SKIPPABLE)
 
     def resolved_profile(self) -> Profile:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; expected one of {', '.join(PROFILES)}")
+        unknown = [s for s in self.skip if s not in SKIPPABLE]
+        if unknown:
+            raise ValueError(f"cannot skip {unknown}; the systems that can be left out are {', '.join(SKIPPABLE)}")
         p = replace(PROFILES[self.profile], **self.overrides)
         if self.tasks:
             p = replace(p, tasks=tuple(self.tasks))
         return p
 
 
+# Systems a run may leave out (``--skip``), with the stages each one owns.
+SKIPPABLE = {"multitask": ("multitask", "eval-multitask"),
+             "search-weight": ("mixtures-weight", "eval-search-weight"),
+             "search-output": ("mixtures-output", "eval-search-output"),
+             "uniform": ("eval-uniform",)}
+
+
 class _Stages:
     """Times and skips stages; ``stages.json`` records how long each took when it ran."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, skip: tuple[str, ...] = ()):
         self.path = out / "stages.json"
         self.times = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.skipped = {stage for system in skip for stage in SKIPPABLE[system]}
 
     def run(self, name: str, done: Path, fn):
+        if name in self.skipped:
+            print(f"[{name}] skipped")
+            return
         if done.exists():
             print(f"[{name}] done already ({done})")
             return
@@ -133,7 +148,7 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
                                     "unseen": layout["unseen"]}, default=str))
     _check_same_run(out / "config.json", record)
     atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-    stages = _Stages(out)
+    stages = _Stages(out, cfg.skip)
     stages.run("data", out / "data" / "done", lambda: _prepare_data(layout, prof, out / "data"))
     steps = prof.steps or _epoch_steps(out / "data" / "train", prof)
     stages.run("experts", out / "experts" / "bank" / "experts.json",
@@ -155,8 +170,9 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
 
 
 # Settings that may differ between the commands continuing one output directory: none changes a stage's
-# files (``overrides`` is checked through the profile it resolves to; ``out`` may have been moved).
-_FREE_FIELDS = {"progress", "overrides", "out"}
+# files (``overrides`` is checked through the profile it resolves to; ``out`` may have been moved; a
+# skipped system can be built by a later command).
+_FREE_FIELDS = {"progress", "overrides", "out", "skip"}
 
 
 def _check_same_run(path: Path, record: dict) -> None:
