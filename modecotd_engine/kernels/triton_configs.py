@@ -17,10 +17,11 @@ from .triton_utils import INTERPRET, next_pow2
 
 # NOTE: tuning constants. Not yet timed on a GPU; they are starting points derived from the Triton
 # matmul tutorial's CUDA config list (H100-class tiles: 128x256x64 with 8 warps / 3 stages, 128x128x64
-# with 4 warps / 4 stages) and from tile arithmetic: shared memory = stages * (BM*BK + BK*BN) * bytes,
+# with 4 warps / 4 stages) and from tile arithmetic: shared memory = stages * (BM*BK*bytes_a + BK*BN*bytes_b),
 # fp32 accumulators <= ~128 registers per thread. Every config below was compiled ahead of time for
-# sm_90 and sm_80 with Triton 3.9 (no GPU needed for that): all compile, the fused kernel's K loop is
-# software-pipelined into wgmma like a plain matmul's, and its shared memory matches the estimate.
+# sm_90 with Triton 3.9 (no GPU needed for that; `benchmarks/compile_sm90.py`, docs/bench/compile-sm90):
+# all compile, the fused kernel's K loop is software-pipelined into wgmma like a plain matmul's, and no
+# config kept by the pruners below allocates more shared memory than the estimate says.
 # `benchmarks/run_kernels.py` is where the timings get confirmed: the triton rows of its JSON name
 # the config the autotuner picked per kernel and shape. MODECOTD_TRITON_TUNE=quick (the GPU tests set
 # it) takes the first fitting config per shape instead of benchmarking 2-5 of them.
@@ -44,15 +45,34 @@ def make_config(num_warps: int, num_stages: int, **blocks) -> triton.Config:
 
 
 def keep_fitting(configs, smem_of, limit):
-    """Drop configs whose shared-memory estimate exceeds the device; keep the smallest if none fit.
+    """Drop configs whose shared-memory estimate exceeds the device. When none fits, the same tiles
+    with 2 pipeline stages are tried (fp32 LoRA operands next to 16-bit activations double the
+    factor's tiles: the decode shrink's 16x128 tile with 4 stages needs 279 KB for fp32 A by the
+    estimate, 209 KB as Triton 3.9 allocates it for sm_90); then the smallest.
 
     MODECOTD_TRITON_TUNE=quick keeps only the first survivor (test runs: one compile per kernel
     and shape instead of 2-5; the default "full" benchmarks them all).
     """
-    fitting = [c for c in configs if smem_of(c) <= limit] or [min(configs, key=smem_of)]
+    fitting = [c for c in configs if smem_of(c) <= limit]
+    if not fitting:
+        fewer = [with_stages(c, 2) for c in configs if c.num_stages > 2]
+        fitting = [c for c in fewer if smem_of(c) <= limit] or [min(configs + fewer, key=smem_of)]
     if os.environ.get("MODECOTD_TRITON_TUNE", "full") == "quick":
         fitting = fitting[:1]
     return fitting
+
+
+def with_stages(config, num_stages: int) -> triton.Config:
+    """A copy of ``config`` with another pipeline depth (its token buckets kept)."""
+    c = triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=num_stages)
+    c.buckets = getattr(config, "buckets", None) or set()
+    return c
+
+
+def tile_bytes(rows: int, cols: int, tensor) -> int:
+    """Bytes of one (rows x cols) tile of ``tensor``'s elements in shared memory: each operand at its
+    own element size (an fp32 factor next to bf16 activations is staged in fp32, cast before the dot)."""
+    return rows * cols * tensor.element_size()
 
 
 def bucketed(table, names):
@@ -109,7 +129,7 @@ def prune_fused(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
     c_len, d_len = named_args["C"], named_args["D"]
-    es = named_args["l_ptr"].element_size()
+    left, right, low, factor = (named_args[k] for k in ("l_ptr", "r_ptr", "lr_ptr", "rr_ptr"))
     lora_cols = kwargs["EPT"] * kwargs["BLOCK_R"]
     cand = for_bucket(configs, named_args["T_BUCKET"])
     cand = [c for c in cand if c.kwargs["BLOCK_C"] <= max(32, next_pow2(c_len))
@@ -121,7 +141,8 @@ def prune_fused(configs, named_args, **kwargs):
         # The low-rank tail reuses the pipeline's buffers once the frozen K loop is done (checked by
         # compiling for sm_90 with Triton 3.9: 128x256x64, 3 stages, bf16 -> 147,456 bytes).
         bm, bc, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.kwargs["BLOCK_D"]
-        return max(c.num_stages * (bm * bd + bd * bc), bm * lora_cols + lora_cols * bc) * es
+        return max(c.num_stages * (tile_bytes(bm, bd, left) + tile_bytes(bd, bc, right)),
+                   tile_bytes(bm, lora_cols, low) + tile_bytes(lora_cols, bc, factor))
 
     return keep_fitting(cand, smem, smem_limit())
 
@@ -142,7 +163,7 @@ def shrink_configs():
 def prune_shrink(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    es = named_args["x_ptr"].element_size()
+    x, a = named_args["x_ptr"], named_args["a_ptr"]
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
     cand = for_bucket(configs, named_args["T_BUCKET"])
     cand = [c for c in cand if c.kwargs["BLOCK_K"] <= max(32, next_pow2(named_args["K"]))] or cand
@@ -150,7 +171,7 @@ def prune_shrink(configs, named_args, **kwargs):
 
     def smem(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        return c.num_stages * (bm * bk + bk * cols) * es
+        return c.num_stages * (tile_bytes(bm, bk, x) + tile_bytes(bk, cols, a))
 
     return keep_fitting(cand, smem, smem_limit())
 
@@ -172,7 +193,7 @@ def bwd_shrink_configs():
 def prune_bwd_shrink(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    es = named_args["x_ptr"].element_size()
+    x, factor = named_args["x_ptr"], max(named_args["a_ptr"], named_args["b_ptr"], key=lambda t: t.element_size())
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
     d_max = max(named_args["N"], named_args["K"])
     cand = for_bucket(configs, named_args["T_BUCKET"])
@@ -181,7 +202,7 @@ def prune_bwd_shrink(configs, named_args, **kwargs):
 
     def smem(c):
         bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
-        return c.num_stages * (bm * bd + bd * cols) * es
+        return c.num_stages * (tile_bytes(bm, bd, x) + tile_bytes(bd, cols, factor))
 
     return keep_fitting(cand, smem, smem_limit())
 
@@ -200,7 +221,7 @@ def reduce_configs():
 def prune_reduce(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    es = named_args["big_ptr"].element_size()
+    big, small = named_args["big_ptr"], named_args["small_ptr"]
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
     cand = for_bucket(configs, named_args["T_BUCKET"])
     cand = [c for c in cand if c.kwargs["BLOCK_C"] <= max(32, next_pow2(named_args["C"]))] or cand
@@ -208,6 +229,6 @@ def prune_reduce(configs, named_args, **kwargs):
 
     def smem(c):
         bc, bt = c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"]
-        return c.num_stages * (bc * bt + bt * cols) * es
+        return c.num_stages * (tile_bytes(bt, bc, big) + tile_bytes(bt, cols, small))
 
     return keep_fitting(cand, smem, smem_limit())

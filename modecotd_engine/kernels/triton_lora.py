@@ -401,11 +401,13 @@ def _lora_token_reduce_kernel(
         t_ok = offs_t < T - t
         g = tl.load(g_ptrs, mask=t_ok[:, None] & ce_in[None, :], other=0.0).to(tl.float32)
         nz = g != 0.0
-        # token tiles where no expert of this group has a gate contribute nothing: skip them
-        if tl.max(tl.max(nz.to(tl.int32), axis=1), axis=0) > 0:
-            big_t = tl.load(big_ptrs, mask=col_ok[:, None] & t_ok[None, :], other=0.0)
-            small = tl.load(small_ptrs, mask=nz & c_ok[None, :], other=0.0)
-            acc = tl.dot(big_t, small.to(big_t.dtype), acc, input_precision=PREC)
+        # Tokens where no expert of this group has a gate contribute nothing: their loads are masked
+        # off (no memory traffic) rather than skipped by an `if` over the tile, because Triton does
+        # not software-pipeline loads nested in an `if` (compiled for sm_90: no cp.async in the loop).
+        row_on = t_ok & (tl.max(nz.to(tl.int32), axis=1) > 0)
+        big_t = tl.load(big_ptrs, mask=col_ok[:, None] & row_on[None, :], other=0.0)
+        small = tl.load(small_ptrs, mask=nz & c_ok[None, :], other=0.0)
+        acc = tl.dot(big_t, small.to(big_t.dtype), acc, input_precision=PREC)
         big_ptrs += BLOCK_T * stride_big_t
         small_ptrs += BLOCK_T * stride_small_t
         g_ptrs += BLOCK_T * stride_g_t

@@ -68,7 +68,8 @@ import triton
 import triton.language as tl
 
 from .args import check_router_args
-from .triton_configs import bucketed, for_bucket, keep_fitting, shrink_configs, small_tiles_for_ieee, smem_limit
+from .triton_configs import (bucketed, for_bucket, keep_fitting, shrink_configs, small_tiles_for_ieee, smem_limit,
+                             tile_bytes)
 from .triton_fused_gemm import launch_fused_gemm
 from .triton_lora import launch_bwd_shrink, launch_token_reduce, launch_weight_combine
 from .triton_utils import (
@@ -126,13 +127,14 @@ def _router_shrink_configs():
 def _prune_router_shrink(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
-    es = named_args["x_ptr"].element_size()
+    x = named_args["x_ptr"]
+    factor = max(named_args["a_ptr"], named_args["rt_ptr"], key=lambda t: t.element_size())
     cols = kwargs["EPT"] * kwargs["BLOCK_R"] + kwargs["Z_PAD"]
     limit = smem_limit()
 
     def smem(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        return c.num_stages * (bm * bk + bk * cols) * es
+        return c.num_stages * (tile_bytes(bm, bk, x) + tile_bytes(bk, cols, factor))
 
     def pick(cand):
         cand = for_bucket(cand, named_args["T_BUCKET"])
