@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, replacing
 from .data import read_task_dir, read_task_file, task_files_in
 
 # The seen tasks of the cpu profile: the seven with the fewest training records (170-453 each).
@@ -449,7 +449,6 @@ def _plot(found: dict, tasks: list[str], png: Path) -> None:
     ax.legend(fontsize=8, ncol=3)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with replacing(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(png)
