@@ -58,3 +58,56 @@ def test_fused_gemm_estimate_uses_each_operand(monkeypatch):
     tc.prune_fused(cfgs, named, EPT=8, BLOCK_R=16, PREC="tf32")
     c = cfgs[0]  # 16x64 output tile, 128-deep K steps, 4 stages; 128 low-rank columns in fp32
     assert estimates[0](c) == max(4 * (16 * 128 * 2 + 128 * 64 * 2), 16 * 128 * 4 + 128 * 64 * 4)
+
+
+def test_gpu_tables_are_built_on_request_and_the_runtime_keeps_its_own():
+    # the interpreter's kernels keep their one config; the GPU tables are there for the asking
+    from modecotd_engine.kernels import triton_utils
+
+    gpu = {name: len(fn(interpret=False)) for name, fn in (
+        ("fused", tc.fused_configs), ("shrink", tc.shrink_configs), ("bwd_shrink", tc.bwd_shrink_configs),
+        ("reduce", tc.reduce_configs))}
+    assert all(n > 1 for n in gpu.values()), gpu
+    assert len(tc.shrink_configs(interpret=True)) == 1
+    if triton_utils.INTERPRET:
+        from modecotd_engine.kernels.triton_lora import AUTOTUNED_KERNELS
+
+        assert all(len(k.configs) == 1 for k in AUTOTUNED_KERNELS.values())
+
+
+def test_pruned_configs_survive_the_autotuners_disk_cache(monkeypatch):
+    # cache_results=True: Triton writes each benchmarked config's __dict__ as JSON and rebuilds it
+    # with Config(**fields); the tables' bookkeeping (token buckets, spare) must not reach it
+    import json
+
+    import triton
+
+    from modecotd_engine.kernels import triton_router
+
+    monkeypatch.setattr(tc, "smem_limit", lambda: H200)
+    monkeypatch.setattr(triton_router, "smem_limit", lambda: H200)
+    bf = torch.empty(0, dtype=torch.bfloat16)
+    kw = {"EPT": 8, "BLOCK_R": 16, "PREC": "tf32"}
+    pruned = {
+        "shrink": tc.prune_shrink(tc.shrink_configs(interpret=False), _args(torch.bfloat16, torch.bfloat16), **kw),
+        "fused": tc.prune_fused(tc.fused_configs(interpret=False),
+                                {"C": 576, "D": 576, "T_BUCKET": 16, "l_ptr": bf, "r_ptr": bf, "lr_ptr": bf,
+                                 "rr_ptr": bf}, **kw),
+        "router": triton_router._prune_router_shrink(
+            triton_router.router_shrink_configs(interpret=False),
+            {"x_ptr": bf, "a_ptr": bf, "rt_ptr": bf, "T_BUCKET": 16, "K": 576}, **kw, Z_PAD=16),
+    }
+    for name, configs in pruned.items():
+        assert configs, name
+        stored = json.loads(json.dumps([(c.__dict__, [1.0, 1.0, 1.0]) for c in configs]))
+        back = [triton.Config(**fields) for fields, _ in stored]
+        assert back == configs, name
+
+
+def test_every_autotuned_kernel_keys_on_its_dot_precision():
+    # IEEE fp32 prunes to small tiles: a tf32 choice must not be reused for an ieee call of one shape
+    from modecotd_engine.kernels.triton_lora import AUTOTUNED_KERNELS
+    from modecotd_engine.kernels.triton_router import AUTOTUNED_KERNELS as ROUTED
+
+    for name, kernel in {**AUTOTUNED_KERNELS, **ROUTED}.items():
+        assert "PREC" in kernel.keys, name

@@ -4,6 +4,11 @@ Every autotuned kernel of ``triton_lora.py`` and ``triton_fused_gemm.py`` gets a
 op of ``triton_router.py`` runs the same fused GEMM, backward shrink and token reduction, and its
 router shrink extends the forward shrink's table), plus the functions that build the tables and prune them: shared-memory fit, the
 token bucket, small tiles for IEEE fp32.
+
+Each table function takes ``interpret`` (default: whether ``TRITON_INTERPRET=1`` was set at import, which
+is what the kernels are decorated with): the interpreter gets one small config per kernel, a GPU the full
+table. Tests ask for the GPU tables (``interpret=False``) to run every one of their configs under the
+interpreter against the float64 oracle (tests/test_kernel_configs_interpret.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ from .triton_utils import INTERPRET, next_pow2
 # `benchmarks/run_kernels.py` is where the timings get confirmed: the triton rows of its JSON name
 # the config the autotuner picked per kernel and shape. MODECOTD_TRITON_TUNE=quick (the GPU tests set
 # it) takes the first fitting config per shape instead of benchmarking 2-5 of them.
+# Every autotuned kernel keys on PREC (IEEE fp32 keeps only small tiles, so tf32 and ieee calls of
+# one shape prune to different candidates) and is declared with cache_results=True: a tuned shape is
+# kept in Triton's cache directory (TRITON_CACHE_DIR, ~/.triton/cache) and a later process reads
+# the choice instead of benchmarking again. Hence the pruners hand Triton plain configs (see plain).
 #
 # Fallback shared-memory limit (bytes) when the driver cannot be asked (A100-class is 163 KiB).
 SMEM_FALLBACK = 160 * 1024
@@ -60,6 +69,15 @@ def keep_fitting(configs, smem_of, limit):
     if os.environ.get("MODECOTD_TRITON_TUNE", "full") == "quick":
         fitting = fitting[:1]
     return fitting
+
+
+def plain(configs) -> list[triton.Config]:
+    """The configs as bare ``triton.Config`` objects, without the token buckets (and the router's
+    ``spare`` flag) the tables attach. What a pruner hands the autotuner must be plain: with
+    ``cache_results=True`` Triton writes each benchmarked config's ``__dict__`` as JSON (a set of
+    buckets is not JSON) and rebuilds it with ``Config(**fields)`` (which takes no extra fields)."""
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, num_ctas=c.num_ctas,
+                          maxnreg=c.maxnreg) for c in configs]
 
 
 def with_stages(config, num_stages: int) -> triton.Config:
@@ -106,11 +124,11 @@ def small_tiles_for_ieee(configs, prec, tile_elems, limit):
 LARGE_BUCKETS = (1024, 4096)
 
 
-def fused_configs():
+def fused_configs(interpret: bool = INTERPRET):
     # Under the interpreter the producers of the low-rank buffers (shrink kernels) use smaller row
     # tiles than their consumers, as autotuned GPU configs may: tests then catch any consumer that
     # reads a block its producer skipped (buffers are NaN-filled there, see alloc).
-    if INTERPRET:
+    if interpret:
         return [make_config(4, 1, BLOCK_M=32, BLOCK_C=64, BLOCK_D=32, GROUP_M=4)]
     # NOTE: 64x256 runs with 8 warps: with 4 it spilled up to 5,376 B per thread compiled for sm_90
     # (docs/bench/compile-sm90: the LoRA tail's operands on top of the 64x256 fp32 accumulator).
@@ -146,11 +164,11 @@ def prune_fused(configs, named_args, **kwargs):
         return max(c.num_stages * (tile_bytes(bm, bd, left) + tile_bytes(bd, bc, right)),
                    tile_bytes(bm, lora_cols, low) + tile_bytes(lora_cols, bc, factor))
 
-    return keep_fitting(cand, smem, smem_limit())
+    return plain(keep_fitting(cand, smem, smem_limit()))
 
 
-def shrink_configs():
-    if INTERPRET:
+def shrink_configs(interpret: bool = INTERPRET):
+    if interpret:
         return [make_config(4, 1, BLOCK_M=16, BLOCK_K=32)]
     # NOTE: no 128x64 tile with 4 warps: it spilled in each of 12 sm_90 compilations (docs/bench/compile-sm90)
     large = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3)]
@@ -176,11 +194,11 @@ def prune_shrink(configs, named_args, **kwargs):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         return c.num_stages * (tile_bytes(bm, bk, x) + tile_bytes(bk, cols, a))
 
-    return keep_fitting(cand, smem, smem_limit())
+    return plain(keep_fitting(cand, smem, smem_limit()))
 
 
-def bwd_shrink_configs():
-    if INTERPRET:
+def bwd_shrink_configs(interpret: bool = INTERPRET):
+    if interpret:
         return [make_config(4, 1, BLOCK_M=16, BLOCK_D=32)]
     # two (BM x 128) fp32 accumulators live at once: BM <= 64 keeps them in registers
     # NOTE: (64, 64) with 4 warps spilled in each of 9 sm_90 compilations (up to 1,052 B), with 8 never
@@ -208,11 +226,11 @@ def prune_bwd_shrink(configs, named_args, **kwargs):
         bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
         return c.num_stages * (tile_bytes(bm, bd, x) + tile_bytes(bd, cols, factor))
 
-    return keep_fitting(cand, smem, smem_limit())
+    return plain(keep_fitting(cand, smem, smem_limit()))
 
 
-def reduce_configs():
-    if INTERPRET:
+def reduce_configs(interpret: bool = INTERPRET):
+    if interpret:
         return [make_config(4, 1, BLOCK_C=64, BLOCK_T=32)]
     # few tokens: short token steps; many tokens: long steps amortise the gate check per step
     small = [(64, 16, 4, 2), (128, 16, 4, 2), (64, 32, 4, 3)]
@@ -236,4 +254,4 @@ def prune_reduce(configs, named_args, **kwargs):
         bc, bt = c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"]
         return c.num_stages * (tile_bytes(bt, bc, big) + tile_bytes(bt, cols, small))
 
-    return keep_fitting(cand, smem, smem_limit())
+    return plain(keep_fitting(cand, smem, smem_limit()))

@@ -49,8 +49,9 @@ def _sum_splits(ptrs, mask, n_split, stride_split):
 
 @triton.autotune(
     configs=fused_configs(),
-    key=["T_BUCKET", "C", "D", "E", "R", "stride_r_d", "WEIGHT_MODE", "HAS_BIAS"],
+    key=["T_BUCKET", "C", "D", "E", "R", "stride_r_d", "WEIGHT_MODE", "HAS_BIAS", "PREC"],
     prune_configs_by={"early_config_prune": prune_fused},
+    cache_results=True,
 )
 @triton.jit
 def _lora_fused_gemm_kernel(

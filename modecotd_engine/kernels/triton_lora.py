@@ -120,8 +120,9 @@ def _project(
 
 @triton.autotune(
     configs=shrink_configs(),
-    key=["T_BUCKET", "K", "E", "R", "OUTPUT_MODE"],
+    key=["T_BUCKET", "K", "E", "R", "OUTPUT_MODE", "PREC"],
     prune_configs_by={"early_config_prune": prune_shrink},
+    cache_results=True,
 )
 @triton.jit
 def _lora_shrink_kernel(
@@ -192,8 +193,9 @@ def _lora_shrink_kernel(
 
 @triton.autotune(
     configs=bwd_shrink_configs(),
-    key=["T_BUCKET", "N", "K", "E", "R", "WEIGHT_MODE", "COMPUTE_ALL", "DH_OUT", "H_OUT", "DG_OUT"],
+    key=["T_BUCKET", "N", "K", "E", "R", "WEIGHT_MODE", "COMPUTE_ALL", "DH_OUT", "H_OUT", "DG_OUT", "PREC"],
     prune_configs_by={"early_config_prune": prune_bwd_shrink},
+    cache_results=True,
 )
 @triton.jit
 def _lora_bwd_shrink_kernel(
@@ -359,8 +361,9 @@ def _lora_weight_combine_kernel(
 
 @triton.autotune(
     configs=reduce_configs(),
-    key=["T_BUCKET", "C", "E", "R", "stride_big_c"],
+    key=["T_BUCKET", "C", "E", "R", "stride_big_c", "PREC"],
     prune_configs_by={"early_config_prune": prune_reduce},
+    cache_results=True,
 )
 @triton.jit
 def _lora_token_reduce_kernel(

@@ -68,8 +68,8 @@ import triton
 import triton.language as tl
 
 from .args import check_router_args
-from .triton_configs import (bucketed, for_bucket, keep_fitting, shrink_configs, small_tiles_for_ieee, smem_limit,
-                             tile_bytes)
+from .triton_configs import (bucketed, for_bucket, keep_fitting, plain, shrink_configs, small_tiles_for_ieee,
+                             smem_limit, tile_bytes)
 from .triton_fused_gemm import launch_fused_gemm
 from .triton_lora import launch_bwd_shrink, launch_token_reduce, launch_weight_combine
 from .triton_utils import (
@@ -105,8 +105,9 @@ _MIN_Z_PAD = 16
 # ----------------------------------------------------------------------------------------------
 
 
-def _router_shrink_configs():
-    """The forward shrink's table, plus two small-footprint configs tried only when none of it fits.
+def router_shrink_configs(interpret: bool = INTERPRET):
+    """The forward shrink's table, plus two small-footprint configs tried only when none of it fits
+    (``interpret``: the interpreter's one config, as in triton_configs.py).
 
     The router columns widen the right-hand tile by up to 64: fp32 decode with E=64, r=16 has 192
     columns, and the shrink table's smallest decode config (16x128, 4 stages) then needs
@@ -114,8 +115,8 @@ def _router_shrink_configs():
     them: 312 KiB), over any GPU's shared memory. 2 stages of 64-deep K steps fit every case:
     2 * (64*64 + 64*192) * 4 B = 128 KiB for fp32.
     """
-    configs = shrink_configs()
-    if INTERPRET:
+    configs = shrink_configs(interpret)
+    if interpret:
         return configs
     spare = bucketed({b: [(16, 64, 4, 2), (64, 64, 4, 2)] for b in (*T_BUCKETS, 4096)},
                      ("BLOCK_M", "BLOCK_K"))
@@ -145,8 +146,8 @@ def _prune_router_shrink(configs, named_args, **kwargs):
 
     main = pick([c for c in configs if not getattr(c, "spare", False)])
     if any(smem(c) <= limit for c in main):
-        return keep_fitting(main, smem, limit)
-    return keep_fitting(pick([c for c in configs if getattr(c, "spare", False)]), smem, limit)
+        return plain(keep_fitting(main, smem, limit))
+    return plain(keep_fitting(pick([c for c in configs if getattr(c, "spare", False)]), smem, limit))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,9 +156,10 @@ def _prune_router_shrink(configs, named_args, **kwargs):
 
 
 @triton.autotune(
-    configs=_router_shrink_configs(),
-    key=["T_BUCKET", "K", "E", "R", "OUTPUT_MODE"],
+    configs=router_shrink_configs(),
+    key=["T_BUCKET", "K", "E", "R", "OUTPUT_MODE", "PREC"],
     prune_configs_by={"early_config_prune": _prune_router_shrink},
+    cache_results=True,
 )
 @triton.jit
 def _router_shrink_kernel(

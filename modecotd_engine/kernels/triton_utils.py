@@ -19,8 +19,11 @@ SUPPORTED_DTYPES = TRITON_DTYPES
 
 # Columns of one grouped low-rank tile (experts_per_tile * padded rank). 128 keeps the expand tail
 # tile (BM x 128 and 128 x BN) and the two backward-shrink accumulators within register/smem budgets.
-# The interpreter uses 32 so the small test shapes (E=3, r=5) exercise several expert groups.
-GROUP_COLS = 32 if INTERPRET else 128
+# The interpreter uses 32 so the small test shapes (E=3, r=5) exercise several expert groups;
+# make_plan reads GROUP_COLS when called, so a test can run the GPU's grouping under the interpreter.
+GPU_GROUP_COLS = 128
+INTERPRET_GROUP_COLS = 32
+GROUP_COLS = INTERPRET_GROUP_COLS if INTERPRET else GPU_GROUP_COLS
 # Autotune key buckets for the token count: decode (<= 16), small batches, prefill / training.
 T_BUCKETS = (16, 64, 256, 1024)
 
