@@ -18,7 +18,11 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode) -> None:
-    """Validate shapes, dtypes and devices; raise ValueError naming the offending tensor."""
+    """Validate shapes, dtypes and devices; raise ValueError naming the offending tensor.
+
+    ``gates`` None: the op has no gate tensor to check (the routed op computes its gates; a single
+    expert's are one number), so no stand-in tensor is made for it on every call.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if x.dim() < 1:
@@ -39,13 +43,15 @@ def check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode) -> N
         raise ValueError(f"number of experts E={e} outside the supported range 1..{MAX_EXPERTS}")
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"rank r={r} outside the supported range 1..{MAX_RANK}")
-    if gates.shape[-1] != e:
+    if gates is not None and gates.shape[-1] != e:
         raise ValueError(f"gates must end in E={e}, got shape {tuple(gates.shape)}")
-    if tuple(gates.shape[:-1]) != tuple(x.shape[:-1]):
+    if gates is not None and tuple(gates.shape[:-1]) != tuple(x.shape[:-1]):
         raise ValueError(
             f"gates {tuple(gates.shape)} must have x's leading dims {tuple(x.shape[:-1])} + (E,)"
         )
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "gates": gates}
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if gates is not None:
+        named["gates"] = gates
     if bias is not None:
         named["bias"] = bias
     devices = {name: t.device for name, t in named.items()}

@@ -101,6 +101,8 @@ def lora_mixture(
     Returns:
         (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and gates.
     """
+    # Validated once per call, here: the Triton forward adds only the kernels' own checks
+    # (check_supported) and the backward trusts what the forward saved.
     check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode)
     chosen = resolve_backend(backend, x.device, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a,
                                                  "lora_b": lora_b, "gates": gates})
@@ -134,8 +136,7 @@ def lora_single_expert(
     if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < num_experts:
         raise ValueError(f"expert must be an int in 0..{num_experts - 1}, got {expert!r}")
     lead = x.shape[:-1]
-    shape_only = x.new_zeros(num_experts).expand(*lead, num_experts)  # for the argument checks
-    check_mixture_args(x, weight, bias, lora_a, lora_b, shape_only, scale, mode)
+    check_mixture_args(x, weight, bias, lora_a, lora_b, None, scale, mode)  # the gates are one number
     chosen = resolve_backend(backend, x.device, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a,
                                                  "lora_b": lora_b})
     if chosen == "triton":

@@ -207,10 +207,10 @@ def routed_lora_mixture(
         (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and router; each gradient comes
         back in its input's dtype.
     """
+    # Validated once here: the Triton path's forward adds only the kernels' own checks and its
+    # backward none (the torch path's Function checks nothing).
     if lora_a.dim() == 3 and x.dim() >= 1:
-        # The routed op has no gate tensor: validate the rest with a zero-stride stand-in of the right shape.
-        stand_in = x.new_zeros(()).expand(*x.shape[:-1], lora_a.shape[0])
-        check_mixture_args(x, weight, bias, lora_a, lora_b, stand_in, scale, mode)
+        check_mixture_args(x, weight, bias, lora_a, lora_b, None, scale, mode)  # no gate tensor here
     check_router_args(router, lora_a, x, top_k)
     tensors = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "router": router}
     if resolve_backend(backend, x.device, tensors, op="the routed mixture") == "triton":

@@ -552,14 +552,22 @@ def lora_mixture_bwd(
     Returns:
         (dx (T, K) in x's dtype, da (E, r, K) in lora_a's dtype, db (E, N, r) in lora_b's dtype,
         dg (T, E) in gates' dtype), None where not needed.
+
+    This launcher checks its inputs; the autograd Function's backward skips the checks (its forward
+    checked the tensors it saved, and autograd hands back a dY of the output's shape).
     """
     check_supported(x, weight, None, lora_a, lora_b, gates, mode)
+    t_len, n_len = x.shape[0], weight.shape[0]
+    if tuple(dy.shape) != (t_len, n_len):
+        raise ValueError(f"dy must be (T, N)=({t_len}, {n_len}), got {tuple(dy.shape)}")
+    return _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs)
+
+
+def _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs):
+    """:func:`lora_mixture_bwd` on inputs already checked (the autograd Function's backward)."""
     x = rows_contiguous(x)
     dy = rows_contiguous(dy.to(x.dtype))
     t_len, k_len = x.shape
-    n_len = weight.shape[0]
-    if tuple(dy.shape) != (t_len, n_len):
-        raise ValueError(f"dy must be (T, N)=({t_len}, {n_len}), got {tuple(dy.shape)}")
     num_experts, rank, _ = lora_a.shape
     dev = x.device
     dx = alloc((t_len, k_len), dtype=x.dtype, device=dev) if needs.x else None
@@ -709,8 +717,9 @@ class LoraMixtureTritonFunction(torch.autograd.Function):
         needs = GradNeeds(x=need_x, lora_a=need_a, lora_b=need_b, gates=need_g)
         dx = da = db = dg = None
         if need_x or need_a or need_b or need_g:
-            dx, da, db, dg = lora_mixture_bwd(dy2, x2, weight, lora_a, lora_b, g2, ctx.scale,
-                                              ctx.mode, needs)
+            # checked by the forward: the backward trusts the tensors it saved
+            dx, da, db, dg = _lora_mixture_bwd(dy2, x2, weight, lora_a, lora_b, g2, ctx.scale,
+                                               ctx.mode, needs)
         dw = (dy2.t().to(x2.dtype) @ x2).to(weight.dtype) if need_w else None
         dbias = None
         if need_bias and ctx.has_bias:

@@ -306,9 +306,17 @@ def router_blocks(num_experts: int, rank: int) -> int:
     return triton.cdiv(num_experts, rank)
 
 
-def _check_router(x: torch.Tensor, lora_a: torch.Tensor, router: torch.Tensor, top_k: int) -> None:
-    """The router checks of every backend, then what only these kernels require."""
-    check_router_args(router, lora_a, x, top_k)
+def _check_routed(x, weight, bias, lora_a, lora_b, router, top_k, mode, *, router_args: bool = True) -> None:
+    """What these kernels require: 2-D x, the plain mixture's kernel checks (``check_supported``), the
+    router checks of every backend (``check_router_args``, left out with ``router_args=False`` where the
+    public entry point :func:`~modecotd_engine.kernels.router.routed_lora_mixture` already ran them),
+    then the router's dtype and the experts' limit."""
+    if x.dim() != 2:
+        raise ValueError("triton launchers take 2-D x (T, K); flatten leading dims first")
+    # the plain mixture's checks without a gate tensor: this op computes its gates itself
+    check_supported(x, weight, bias, lora_a, lora_b, None, mode)
+    if router_args:
+        check_router_args(router, lora_a, x, top_k)
     num_experts = lora_a.shape[0]
     if router.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"triton backend: router has dtype {router.dtype}; supported are float16, "
@@ -318,15 +326,6 @@ def _check_router(x: torch.Tensor, lora_a: torch.Tensor, router: torch.Tensor, t
                          "compute (TRITON_INTERPRET=1); use float16/float32 there or run on CUDA")
     if num_experts > 64:
         raise ValueError(f"the routed Triton kernels take at most 64 experts, got E={num_experts}")
-
-
-def _check_routed(x, weight, bias, lora_a, lora_b, router, top_k, mode) -> None:
-    if x.dim() != 2:
-        raise ValueError("triton launchers take 2-D x (T, K); flatten leading dims first")
-    # the plain mixture's checks, with a zero-stride stand-in for the gates this op computes itself
-    stand_in = x.new_zeros(()).expand(x.shape[0], lora_a.shape[0])
-    check_supported(x, weight, bias, lora_a, lora_b, stand_in, mode)
-    _check_router(x, lora_a, router, top_k)
 
 
 def routed_lora_mixture_fwd(
@@ -357,6 +356,11 @@ def routed_lora_mixture_fwd(
         E columns, 1.0 in the rest (what :func:`routed_lora_mixture_bwd` takes).
     """
     _check_routed(x, weight, bias, lora_a, lora_b, router, top_k, mode)
+    return _routed_fwd(x, weight, bias, lora_a, lora_b, router, scale, top_k, mode)
+
+
+def _routed_fwd(x, weight, bias, lora_a, lora_b, router, scale, top_k, mode):
+    """:func:`routed_lora_mixture_fwd` on inputs already checked."""
     x = rows_contiguous(x)
     t_len, k_len = x.shape
     n_len = weight.shape[0]
@@ -432,19 +436,29 @@ def routed_lora_mixture_bwd(
     Returns:
         (dx (T, K) in x's dtype, da (E, r, K) in lora_a's dtype, db (E, N, r) in lora_b's dtype,
         dr (E, K) in router's dtype), None where not needed.
+
+    This launcher checks its inputs; the autograd Function's backward skips the checks (its forward
+    checked the tensors it saved and made the gate buffer).
     """
     num_experts, rank, _ = lora_a.shape
     n_blocks = router_blocks(num_experts, rank)
     _check_routed(x, weight, None, lora_a, lora_b, router, 0, mode)
-    x = rows_contiguous(x)
-    dy = rows_contiguous(dy.to(x.dtype))
-    t_len, k_len = x.shape
-    n_len = weight.shape[0]
+    t_len, n_len = x.shape[0], weight.shape[0]
     if tuple(dy.shape) != (t_len, n_len):
         raise ValueError(f"dy must be (T, N)=({t_len}, {n_len}), got {tuple(dy.shape)}")
     if tuple(gates.shape) != (t_len, num_experts + n_blocks) or gates.dtype != torch.float32:
         raise ValueError(f"gates must be the forward's (T, E + ceil(E/r))=({t_len}, {num_experts + n_blocks}) "
                          f"float32 buffer, got {tuple(gates.shape)} {gates.dtype}")
+    return _routed_bwd(dy, x, weight, lora_a, lora_b, router, gates, scale, mode, needs)
+
+
+def _routed_bwd(dy, x, weight, lora_a, lora_b, router, gates, scale, mode, needs):
+    """:func:`routed_lora_mixture_bwd` on inputs already checked (the autograd Function's backward)."""
+    num_experts, rank, _ = lora_a.shape
+    n_blocks = router_blocks(num_experts, rank)
+    x = rows_contiguous(x)
+    dy = rows_contiguous(dy.to(x.dtype))
+    t_len, k_len = x.shape
     dev = x.device
     er = num_experts * rank
     e_aug = num_experts + n_blocks  # experts plus router blocks
@@ -548,7 +562,10 @@ class RoutedLoraMixtureTriton(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, router, scale: float, top_k: int, mode: str):
         lead, k_len = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(math.prod(lead), k_len)  # (T, K); explicit T: K may be 0
-        y2, gates = routed_lora_mixture_fwd(x2, weight, bias, lora_a, lora_b, router, scale, top_k, mode)
+        # the kernels' own checks; the router checks of every backend ran at the public entry point
+        # (router.routed_lora_mixture), and the backward trusts what this forward checked and saved
+        _check_routed(x2, weight, bias, lora_a, lora_b, router, top_k, mode, router_args=False)
+        y2, gates = _routed_fwd(x2, weight, bias, lora_a, lora_b, router, scale, top_k, mode)
         ctx.save_for_backward(x2, weight, lora_a, lora_b, router, gates)
         ctx.scale, ctx.mode = scale, mode
         ctx.has_bias = bias is not None
@@ -564,8 +581,8 @@ class RoutedLoraMixtureTriton(torch.autograd.Function):
         dx = da = db = dr = None
         if need_x or need_a or need_b or need_r:
             needs = RouterGradNeeds(x=need_x, lora_a=need_a, lora_b=need_b, router=need_r)
-            dx, da, db, dr = routed_lora_mixture_bwd(dy2, x2, weight, lora_a, lora_b, router, gates,
-                                                     ctx.scale, ctx.mode, needs)
+            dx, da, db, dr = _routed_bwd(dy2, x2, weight, lora_a, lora_b, router, gates, ctx.scale, ctx.mode,
+                                         needs)
         dw = (dy2.t().to(x2.dtype) @ x2).to(weight.dtype) if need_w else None
         dbias = None
         if need_bias and ctx.has_bias:
@@ -586,8 +603,9 @@ def routed_lora_mixture_triton(
     top_k: int = 0,
     mode: str = "output",
 ) -> torch.Tensor:
-    """Routed multi-LoRA layer on the Triton kernels (validation of shapes is the caller's:
-    :func:`modecotd_engine.kernels.router.routed_lora_mixture`).
+    """Routed multi-LoRA layer on the Triton kernels (validation of shapes and of the router is the
+    caller's: :func:`modecotd_engine.kernels.router.routed_lora_mixture`; the forward adds the kernels'
+    own checks, the backward none).
 
     Args:
         x: (..., K) activations, fp16/bf16/fp32.

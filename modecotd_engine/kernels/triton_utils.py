@@ -60,10 +60,13 @@ def make_plan(t: int, num_experts: int, rank: int, dtype: torch.dtype) -> Plan:
 
 
 def check_supported(x, weight, bias, lora_a, lora_b, gates, mode) -> None:
-    """Raise ValueError for inputs these kernels cannot serve (shapes are checked by the caller)."""
+    """Raise ValueError for inputs these kernels cannot serve (shapes are checked by the caller).
+    ``gates`` None: the routed op, which computes its gates in the kernel."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "gates": gates}
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if gates is not None:
+        named["gates"] = gates
     if bias is not None:
         named["bias"] = bias
     for name, t in named.items():
@@ -84,7 +87,7 @@ def check_supported(x, weight, bias, lora_a, lora_b, gates, mode) -> None:
             )
     if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"triton backend: weight/bias dtype must equal x dtype {x.dtype}")
-    if x.dim() != 2 or gates.dim() != 2:
+    if x.dim() != 2 or (gates is not None and gates.dim() != 2):
         raise ValueError("triton launchers take 2-D x (T, K) and gates (T, E); flatten leading dims first")
 
 
