@@ -4,8 +4,11 @@
 
 Same oracle and tolerance budget as tests/test_kernels_triton.py (max|kernel - ref64| <=
 2 * max|torch same dtype - ref64| + one ulp, else the fallback table), at SmolLM2-135M and
-1.7B-class projection shapes, bf16 and fp16, T up to 4096, E up to 32, r up to 64. Autotuning is
-set to its first config per shape (MODECOTD_TRITON_TUNE=quick) except where a test checks tuning.
+1.7B-class projection shapes and the kernel benchmark's 4096 x 4096 layer, bf16 and fp16, T up to
+4096 (and decode, where the forward shrink splits K), E up to 32, r up to 64, fp32 experts next to
+bf16 activations. Autotuning is set to its first config per shape (MODECOTD_TRITON_TUNE=quick) except
+where a test checks tuning; every config of the tables is checked under the interpreter
+(tests/test_kernel_configs_interpret.py).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ CASES = [
     (2048, 2048, 4, 8, 16, "dense_softmax", "weight", True),
     (2048, 2048, 10, 16, 1024, "one_hot_padded", "output", False),
     (2048, 8192, 10, 16, 256, "dense_softmax", "output", True),
+    # the kernel benchmark's target layer (7B attention, E=10, r=16): training batch in both modes ...
+    (4096, 4096, 10, 16, 4096, "dense_softmax", "output", True),
+    (4096, 4096, 10, 16, 4096, "one_hot_grouped", "weight", False),
+    # ... and output-mode decode, where the forward shrink splits K=4096 over 4 programs (fp32 partials)
+    (4096, 4096, 10, 16, 16, "dense_softmax", "output", True),
+    (2048, 2048, 10, 16, 1, "top2", "output", False),
 ]
 
 
@@ -56,6 +65,17 @@ def test_fp32_experts_with_bf16_activations():
                      lora_dtype=torch.float32, gate_dtype=torch.float32, pattern="dense_softmax")
     out = check_against_oracle(case, "output")
     assert out["dlora_a"].dtype == torch.float32 and out["dgates"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_fp32_experts_at_decode(mode):
+    # decode with fp32 factors next to bf16 activations: split-K shrink partials, the decode tiles'
+    # shared-memory fit at fp32 (the pruner's 2-stage fallback), every gradient in its own dtype
+    case = make_case(t=8, k=4096, n=4096, e=10, r=16, dtype=torch.bfloat16, lora_dtype=torch.float32,
+                     gate_dtype=torch.float32, pattern="dense_softmax", seed=17)
+    out = check_against_oracle(case, mode)
+    assert out["y"].dtype == torch.bfloat16
+    assert out["dlora_a"].dtype == out["dlora_b"].dtype == out["dgates"].dtype == torch.float32
 
 
 @pytest.mark.skipif(torch.backends.cuda.matmul.allow_tf32, reason="TF32 matmuls are enabled globally")
