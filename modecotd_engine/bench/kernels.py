@@ -13,12 +13,20 @@ Shapes come from real configs: SmolLM2-135M (hidden 576, MLP 1536), a 1.7B-class
 (SmolLM2-1.7B: 2048, 8192) and a 7B-class model (Llama-2-7B: 4096, 11008). Gates are one-hot with
 rows grouped by expert (task gates while distilling) or dense softmax mixtures. ``fwd`` is timed
 under ``torch.no_grad()``; ``fwd+bwd`` backpropagates a fixed dy into x, A and B (gates frozen,
-as while distilling).
+as while distilling). On CUDA every case runs in both compositions: ``output`` (the sum of gated
+expert outputs) and ``weight`` (gated sums of A and B: the paper's, and ``mix``'s default); the
+stated targets are for output mode, weight mode's rows stand beside them. The CPU quick run keeps
+output mode.
 
 Timing: on CUDA ``triton.testing.do_bench`` with quantiles [0.5, 0.2, 0.8] (it synchronises and
 excludes its warm-up); ratio = median / base median. On CPU a warm-up call per provider, then
 rounds of one ``perf_counter``-timed call per provider in rotating order; the median per provider,
 and the ratio to base is the median over rounds of (provider time / base time in the same round).
+Decode-sized cases (T <= 16) are timed a second way too: ``wall_ms``, back-to-back calls ended by
+one sync, wall clock per call. ``do_bench`` flushes L2 before each call and times each on the GPU
+with events, so the host work of a call (checks, allocations, launches) hides behind the flush;
+at decode that host work can exceed the ~10 us of GPU work, and back to back it shows. On CUDA the
+forward is also replayed from a CUDA graph (``graph_ms``: what is left when the host work goes).
 TFLOP/s are model FLOPs: ``2TKN + 2T*E_act*r*(K+N)`` forward (E_act = 1 for one-hot gates, E for
 dense), ``2 * 2TKN + 3 * 2T*E_act*r*(K+N)`` forward+backward; the recomputed H is not counted.
 """
@@ -32,7 +40,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -69,6 +77,7 @@ class Case:
     gates: str  # "one-hot-grouped" or "dense"
     pass_: str  # "fwd" or "fwd+bwd"
     sweep: str  # which sweep asked for it (T, E or r)
+    mode: str = "output"  # "output" or "weight" composition of the experts
 
 
 @dataclass(frozen=True)
@@ -83,18 +92,19 @@ class Target:
 
 TARGETS = [
     Target("dense fwd, 7B attn, E=10 r=16 T=4096", "triton", 1.12, "ratio<=",
-           dict(shape="7b attn 4096->4096", experts=10, rank=16, t=4096, gates="dense", pass_="fwd"),
-           "gpu"),
+           dict(shape="7b attn 4096->4096", experts=10, rank=16, t=4096, gates="dense", pass_="fwd",
+                mode="output"), "gpu"),
     Target("dense fwd+bwd, 7B attn, E=10 r=16 T=4096 (base fwd + base dX)", "triton", 1.25, "ratio<=",
            dict(shape="7b attn 4096->4096", experts=10, rank=16, t=4096, gates="dense",
-                pass_="fwd+bwd"), "gpu"),
+                pass_="fwd+bwd", mode="output"), "gpu"),
     Target("dense fwd, 7B attn, E=10 r=16 T=16", "triton", 1.25, "ratio<=",
-           dict(shape="7b attn 4096->4096", experts=10, rank=16, t=16, gates="dense", pass_="fwd"),
-           "gpu"),
+           dict(shape="7b attn 4096->4096", experts=10, rank=16, t=16, gates="dense", pass_="fwd",
+                mode="output"), "gpu"),
     Target("one-hot grouped fwd, SmolLM2 shapes, E=10 T=4096", "triton", 1.20, "ratio<=",
-           dict(shape=("in", SMOL), experts=10, t=4096, gates="one-hot-grouped", pass_="fwd"), "gpu"),
+           dict(shape=("in", SMOL), experts=10, t=4096, gates="one-hot-grouped", pass_="fwd", mode="output"),
+           "gpu"),
     Target("per-expert loop / fused, E=10, T>=256", "triton", 3.0, "loop_speedup>=",
-           dict(experts=10, t=(">=", 256)), "gpu"),
+           dict(experts=10, t=(">=", 256), mode="output"), "gpu"),
     Target("CPU torch path, one-hot grouped fwd, SmolLM2 shapes, T=4096 (a training batch)", "torch",
            1.25, "ratio<=", dict(shape=("in", SMOL), t=4096, gates="one-hot-grouped", pass_="fwd"), "cpu"),
     Target("CPU torch path, one-hot grouped fwd, SmolLM2 shapes, T=256", "torch", 1.25, "ratio<=",
@@ -108,7 +118,15 @@ TARGETS = [
 
 
 def build_cases(quick: bool, on_gpu: bool) -> list[Case]:
-    """The sweeps: ratio vs T per shape, then E and r at one large shape."""
+    """The sweeps: ratio vs T per shape, then E and r at one large shape; on CUDA every output-mode
+    case is followed (after all of them, so the stated targets come first) by its weight-mode twin."""
+    cases = _output_cases(quick, on_gpu)
+    if on_gpu:
+        cases += [replace(c, mode="weight") for c in cases]
+    return cases
+
+
+def _output_cases(quick: bool, on_gpu: bool) -> list[Case]:
     cases: list[Case] = []
 
     def add(shape, t, e, r, gates, pass_, sweep):
@@ -216,6 +234,58 @@ def _gpu_time(fn, grad_to_none) -> dict:
     return dict(median=float(med), p20=float(p20), p80=float(p80), min=None, ratio=None, ratio_min=None)
 
 
+# Cases with at most this many tokens (decode) are also timed back to back (``wall_ms``) and, on
+# CUDA, replayed from a CUDA graph (``graph_ms``, forward only).
+WALL_MAX_T = 16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _wall_time(fn, device: torch.device, target_s: float = 0.1, max_calls: int = 1000) -> float:
+    """ms per call of ``fn`` called back to back and ended by one sync (host work included).
+
+    About ``target_s`` of calls (10 to ``max_calls``), sized from a first run of 10; both runs start
+    from an idle device.
+    """
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fn()
+    _sync(device)
+    per_call = (time.perf_counter() - t0) / 10
+    calls = max(10, min(max_calls, int(target_s / max(per_call, 1e-7))))
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def _graph_time(fn, calls: int = 200) -> float:
+    """ms per replay of one call of ``fn`` captured in a CUDA graph (CUDA only; raises where the
+    call cannot be captured, e.g. a host sync inside it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture wants
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
 def _tuned_configs() -> dict:
     """{"kernel key": "config"} of every autotuned Triton kernel (empty without triton)."""
     try:
@@ -234,9 +304,9 @@ def _make_fn(provider: str, case: Case, tensors: dict, scale: float):
     if provider == "base":
         op = lambda: F.linear(x, w, b)  # noqa: E731
     elif provider == "loop":
-        op = lambda: lora_mixture_loop(x, w, b, a, bb, g, scale, "output")  # noqa: E731
+        op = lambda: lora_mixture_loop(x, w, b, a, bb, g, scale, case.mode)  # noqa: E731
     else:
-        op = lambda: lora_mixture(x, w, b, a, bb, g, scale, "output", backend=provider)  # noqa: E731
+        op = lambda: lora_mixture(x, w, b, a, bb, g, scale, case.mode, backend=provider)  # noqa: E731
 
     if case.pass_ == "fwd":
         def fwd():
@@ -285,7 +355,8 @@ def _providers(device: torch.device) -> list[str]:
 
 
 def run_kernel_bench(out_dir: Path, quick: bool = False, device: str | None = None,
-                     dtype: str | None = None, log=print) -> dict:
+                     dtype: str | None = None, log=print, cases: list[Case] | None = None,
+                     providers: list[str] | None = None) -> dict:
     """Benchmark every provider on every case; write kernels.json, kernels.md, kernels.png.
 
     Args:
@@ -294,8 +365,14 @@ def run_kernel_bench(out_dir: Path, quick: bool = False, device: str | None = No
         device: "cuda", "cpu" or None (CUDA when available).
         dtype: "bfloat16", "float16" or "float32"; default bfloat16 on CUDA, float32 on CPU.
         log: progress printer (one line per case).
+        cases: the cases to run instead of :func:`build_cases`' (benchmarks/gpu_suite.py rehearses
+            this code on the CPU with tiny ones).
+        providers: the providers to time (default: all that the device serves; ``triton`` on a CPU
+            runs Triton's interpreter when TRITON_INTERPRET=1 was set before import).
     Returns:
-        The report dict written to kernels.json: {"env", "rows", "targets", "quick"}.
+        The report dict written to kernels.json: {"env", "rows", "targets", "quick", "complete"}.
+        kernels.json is rewritten after every case with ``complete`` False, so a run stopped
+        part-way (a time limit) leaves the rows measured so far.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -303,69 +380,104 @@ def run_kernel_bench(out_dir: Path, quick: bool = False, device: str | None = No
     dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     env = _environment(dev)
     on_gpu = dev.type == "cuda"
-    providers = _providers(dev)
-    cases = build_cases(quick, on_gpu)
+    providers = list(providers or _providers(dev))
+    cases = list(cases) if cases is not None else build_cases(quick, on_gpu)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     log(f"kernel bench on {env['device']} ({dt}), {len(cases)} cases x {providers}")
     rows: list[dict] = []
     for i, case in enumerate(cases):
-        gen = torch.Generator().manual_seed(i)
-        scale = ALPHA / case.rank
-        need_grad = case.pass_ == "fwd+bwd"
-
-        def rnd(*shape, std=1.0, grad=False):
-            t = (torch.randn(*shape, generator=gen) * std).to(device=dev, dtype=dt)
-            return t.requires_grad_(grad and need_grad)
-
-        tensors = {
-            "x": rnd(case.t, case.k, grad=True),
-            "w": rnd(case.n, case.k, std=case.k ** -0.5),
-            "b": rnd(case.n, std=0.1),
-            "a": rnd(case.experts, case.rank, case.k, std=case.k ** -0.5, grad=True),
-            "bb": rnd(case.experts, case.n, case.rank, std=0.02, grad=True),
-            "g": make_gates(case.gates, case.t, case.experts, gen).to(device=dev, dtype=dt),
-            "dy": rnd(case.t, case.n),
-        }
-        grads = [tensors[k] for k in ("x", "a", "bb")]
-        fns = {p: _make_fn(p, case, tensors, scale) for p in providers}
-        timings: dict[str, dict | None] = {}
-        picked: dict = {}
-        if on_gpu:
-            for provider, fn in fns.items():
-                try:
-                    before = _tuned_configs()
-                    timings[provider] = _gpu_time(fn, grads if need_grad else None)
-                    if provider == "triton":
-                        picked = {k: v for k, v in _tuned_configs().items() if before.get(k) != v}
-                except Exception as err:  # one failing provider must not sink the whole report
-                    timings[provider] = None
-                    log(f"  {provider} failed on {case}: {type(err).__name__}: {err}")
-            torch.cuda.empty_cache()
-        else:
-            timings = _cpu_time(fns, quick)
-        base = timings.get("base")
-        for provider, tm in timings.items():
-            row = {**env, **{("pass" if k == "pass_" else k): v for k, v in asdict(case).items()},
-                   "dtype": str(dt).replace("torch.", ""), "provider": provider,
-                   "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None, "tflops": None,
-                   "ratio_to_base": None, "ratio_of_mins": None,
-                   "configs": picked if provider == "triton" else None}
-            if tm is not None:
-                ratio = tm["ratio"]
-                if ratio is None and base is not None:
-                    ratio = tm["median"] / base["median"]
-                row.update(median_ms=tm["median"], p20_ms=tm["p20"], p80_ms=tm["p80"], min_ms=tm["min"],
-                           tflops=model_flops(case, provider) / (tm["median"] * 1e-3) / 1e12,
-                           ratio_to_base=ratio, ratio_of_mins=tm["ratio_min"])
-            rows.append(row)
+        rows += _run_case(i, case, providers, dev, dt, env, quick, log)
         log(f"[{i + 1}/{len(cases)}] {case.shape} T={case.t} E={case.experts} r={case.rank} "
-            f"{case.gates} {case.pass_}: "
-            + ", ".join(f"{p} {tm['median']:.3f} ms" if tm else f"{p} failed"
-                        for p, tm in timings.items()))
-        del tensors, grads, fns
+            f"{case.gates} {case.pass_} {case.mode}: "
+            + ", ".join(f"{r['provider']} {r['median_ms']:.3f} ms" if r["median_ms"] is not None
+                        else f"{r['provider']} failed" for r in rows[-len(providers):]))
+        partial = {"env": env, "quick": quick, "dtype": str(dt).replace("torch.", ""), "rows": rows,
+                   "complete": False, "cases": len(cases)}
+        atomic_write_bytes(out_dir / "kernels.json", json.dumps(partial, indent=1).encode())
     report = {"env": env, "quick": quick, "dtype": str(dt).replace("torch.", ""), "rows": rows,
-              "targets": evaluate_targets(rows, on_gpu, env["device"])}
-    write_report(report, Path(out_dir))
+              "targets": evaluate_targets(rows, on_gpu, env["device"]), "complete": True, "cases": len(cases)}
+    write_report(report, out_dir)
     return report
+
+
+def _run_case(i: int, case: Case, providers: list[str], dev: torch.device, dt: torch.dtype, env: dict,
+              quick: bool, log) -> list[dict]:
+    """One row per provider for ``case`` (timings None where a provider failed)."""
+    on_gpu = dev.type == "cuda"
+    gen = torch.Generator().manual_seed(i)
+    scale = ALPHA / case.rank
+    need_grad = case.pass_ == "fwd+bwd"
+
+    def rnd(*shape, std=1.0, grad=False):
+        t = (torch.randn(*shape, generator=gen) * std).to(device=dev, dtype=dt)
+        return t.requires_grad_(grad and need_grad)
+
+    tensors = {
+        "x": rnd(case.t, case.k, grad=True),
+        "w": rnd(case.n, case.k, std=case.k ** -0.5),
+        "b": rnd(case.n, std=0.1),
+        "a": rnd(case.experts, case.rank, case.k, std=case.k ** -0.5, grad=True),
+        "bb": rnd(case.experts, case.n, case.rank, std=0.02, grad=True),
+        "g": make_gates(case.gates, case.t, case.experts, gen).to(device=dev, dtype=dt),
+        "dy": rnd(case.t, case.n),
+    }
+    grads = [tensors[k] for k in ("x", "a", "bb")]
+    fns = {p: _make_fn(p, case, tensors, scale) for p in providers}
+    timings: dict[str, dict | None] = {}
+    picked: dict = {}
+    if on_gpu:
+        for provider, fn in fns.items():
+            try:
+                before = _tuned_configs()
+                timings[provider] = _gpu_time(fn, grads if need_grad else None)
+                if provider == "triton":
+                    picked = {k: v for k, v in _tuned_configs().items() if before.get(k) != v}
+            except Exception as err:  # one failing provider must not sink the whole report
+                timings[provider] = None
+                log(f"  {provider} failed on {case}: {type(err).__name__}: {err}")
+    else:
+        timings = _cpu_time(fns, quick)
+    # decode: back-to-back wall clock (host work shows) and, on CUDA, CUDA-graph replay of the forward
+    wall: dict[str, float | None] = {}
+    graph: dict[str, float | None] = {}
+    if case.t <= WALL_MAX_T:
+        for provider, fn in fns.items():
+            wall[provider] = graph[provider] = None
+            if timings.get(provider) is None:
+                continue
+            try:
+                wall[provider] = _wall_time(fn, dev)
+                if on_gpu and case.pass_ == "fwd":
+                    graph[provider] = _graph_time(fn)
+            except Exception as err:  # e.g. a host sync inside a captured call: recorded as None
+                log(f"  {provider} {'graph' if wall[provider] is not None else 'wall-clock'} timing failed on "
+                    f"{case}: {type(err).__name__}: {err}")
+    if on_gpu:
+        torch.cuda.empty_cache()
+    base = timings.get("base")
+    rows = []
+    for provider, tm in timings.items():
+        row = {**env, **{("pass" if k == "pass_" else k): v for k, v in asdict(case).items()},
+               "dtype": str(dt).replace("torch.", ""), "provider": provider,
+               "median_ms": None, "p20_ms": None, "p80_ms": None, "min_ms": None, "tflops": None,
+               "ratio_to_base": None, "ratio_of_mins": None,
+               "wall_ms": wall.get(provider), "wall_ratio_to_base": None,
+               "graph_ms": graph.get(provider), "graph_ratio_to_base": None,
+               "configs": picked if provider == "triton" else None}
+        if tm is not None:
+            ratio = tm["ratio"]
+            if ratio is None and base is not None:
+                ratio = tm["median"] / base["median"]
+            row.update(median_ms=tm["median"], p20_ms=tm["p20"], p80_ms=tm["p80"], min_ms=tm["min"],
+                       tflops=model_flops(case, provider) / (tm["median"] * 1e-3) / 1e12,
+                       ratio_to_base=ratio, ratio_of_mins=tm["ratio_min"])
+        for key in ("wall", "graph"):
+            mine, floor = row[f"{key}_ms"], (wall if key == "wall" else graph).get("base")
+            if mine is not None and floor:
+                row[f"{key}_ratio_to_base"] = mine / floor
+        rows.append(row)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,9 +485,14 @@ def run_kernel_bench(out_dir: Path, quick: bool = False, device: str | None = No
 # ---------------------------------------------------------------------------------------------
 
 
+def _row_key(r: dict) -> tuple:
+    """What identifies a case among a report's rows (rows without a mode predate weight mode)."""
+    return (r["shape"], r["t"], r["experts"], r["rank"], r["gates"], r["pass"], r.get("mode", "output"))
+
+
 def _match(row: dict, where: dict) -> bool:
     for key, want in where.items():
-        have = row["pass"] if key == "pass_" else row[key]
+        have = row["pass"] if key == "pass_" else row.get(key, "output") if key == "mode" else row[key]
         if isinstance(want, tuple):
             op, val = want
             if op == "in" and have not in val:
@@ -392,8 +509,7 @@ def evaluate_targets(rows: list[dict], on_gpu: bool, device_name: str) -> list[d
     out = []
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        key = (r["shape"], r["t"], r["experts"], r["rank"], r["gates"], r["pass"])
-        by_key.setdefault(key, {})[r["provider"]] = r
+        by_key.setdefault(_row_key(r), {})[r["provider"]] = r
     for tg in TARGETS:
         res = {"target": tg.name, "provider": tg.provider, "limit": tg.limit, "kind": tg.kind,
                "measured": None, "met": None, "note": ""}
@@ -457,18 +573,17 @@ def render_markdown(report: dict) -> str:
                      f"{_fmt(tg['measured'], '.2f')} | {met}{note} |")
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     lines += ["", "## Results", ""]
-    head = "| shape | T | E | r | gates | pass | " + " | ".join(
+    head = "| shape | T | E | r | gates | pass | mode | " + " | ".join(
         f"{p} ms (x base)" for p in providers) + " | " + " | ".join(
         f"{p} TFLOP/s" for p in providers) + " |"
-    lines += [head, "|" + " --- |" * (6 + 2 * len(providers))]
+    lines += [head, "|" + " --- |" * (7 + 2 * len(providers))]
     seen = []
     for r in rows:
-        key = (r["shape"], r["t"], r["experts"], r["rank"], r["gates"], r["pass"])
+        key = _row_key(r)
         if key not in seen:
             seen.append(key)
     for key in seen:
-        provs = {r["provider"]: r for r in rows
-                 if (r["shape"], r["t"], r["experts"], r["rank"], r["gates"], r["pass"]) == key}
+        provs = {r["provider"]: r for r in rows if _row_key(r) == key}
         cells = []
         for p in providers:
             r = provs.get(p)
@@ -477,13 +592,33 @@ def render_markdown(report: dict) -> str:
             else:
                 cells.append(f"{r['median_ms']:.3f} ({_fmt(r['ratio_to_base'], '.2f')}x)")
         flops = [_fmt(provs[p]["tflops"], ".2f") if p in provs else "-" for p in providers]
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {key[5]} | "
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {key[5]} | {key[6]} | "
                      + " | ".join(cells) + " | " + " | ".join(flops) + " |")
+    decode = [k for k in seen if any(r.get("wall_ms") is not None for r in rows if _row_key(r) == k)]
+    if decode:
+        lines += ["", "## Decode, back to back", "",
+                  "Wall clock per call of calls made back to back and ended by one sync: the host work per "
+                  "call counts (`do_bench` above hides it behind its L2 flush). `graph`: the forward "
+                  "replayed from a CUDA graph, no host work. ms (x base, same timing).", "",
+                  "| shape | T | E | r | gates | pass | mode | " + " | ".join(
+                      f"{p} wall | {p} graph" for p in providers) + " |",
+                  "|" + " --- |" * (7 + 2 * len(providers))]
+        for key in decode:
+            provs = {r["provider"]: r for r in rows if _row_key(r) == key}
+            cells = []
+            for p in providers:
+                r = provs.get(p, {})
+                for k in ("wall", "graph"):
+                    ms = r.get(f"{k}_ms")
+                    cells.append("-" if ms is None else f"{ms:.3f} ({_fmt(r.get(f'{k}_ratio_to_base'), '.2f')}x)")
+            lines.append("| " + " | ".join(str(v) for v in key) + " | " + " | ".join(cells) + " |")
+    if not report.get("complete", True):
+        lines += ["", f"Incomplete run: {len(seen)} of {report.get('cases', '?')} cases measured."]
     return "\n".join(lines) + "\n"
 
 
 def plot_ratios(report: dict, path: Path) -> None:
-    """Ratio to the base GEMM vs T, one panel per (shape, pass) of the T sweep."""
+    """Ratio to the base GEMM vs T, one panel per (shape, pass, mode) of the T sweep."""
     import io
 
     import matplotlib
@@ -494,7 +629,9 @@ def plot_ratios(report: dict, path: Path) -> None:
 
     rows = [r for r in report["rows"] if r["sweep"] == "T" and r["provider"] != "base"
             and r["ratio_to_base"] is not None]
-    panels = sorted({(r["shape"], r["pass"]) for r in rows}, key=lambda p: (list(SHAPES).index(p[0]), p[1]))
+    order = {name: i for i, name in enumerate(SHAPES)}
+    panels = sorted({(r["shape"], r["pass"], r.get("mode", "output")) for r in rows},
+                    key=lambda p: (order.get(p[0], len(order)), p[0], p[1], p[2]))
     if not panels:
         return
     ncol = 2
@@ -502,21 +639,22 @@ def plot_ratios(report: dict, path: Path) -> None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(11, 3.2 * nrow), squeeze=False)
     colors = {"triton": "tab:red", "torch": "tab:blue", "loop": "tab:gray"}
     styles = {"one-hot-grouped": "-", "dense": "--"}
-    for ax, (shape, pass_) in zip(axes.flat, panels):
+    for ax, (shape, pass_, mode) in zip(axes.flat, panels):
+        mine = [r for r in rows if r["shape"] == shape and r["pass"] == pass_ and r.get("mode", "output") == mode]
         for provider in ("triton", "torch", "loop"):
             for gates, style in styles.items():
-                pts = sorted((r["t"], r["ratio_to_base"]) for r in rows if r["shape"] == shape
-                             and r["pass"] == pass_ and r["provider"] == provider and r["gates"] == gates)
+                pts = sorted((r["t"], r["ratio_to_base"]) for r in mine
+                             if r["provider"] == provider and r["gates"] == gates)
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", color=colors[provider],
                             label=f"{provider}, {gates}")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)
-        ts = sorted({r["t"] for r in rows if r["shape"] == shape and r["pass"] == pass_})
+        ts = sorted({r["t"] for r in mine})
         ax.set_xticks(ts, [str(t) for t in ts])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{shape}, {pass_}", fontsize=9)
+        ax.set_title(f"{shape}, {pass_}, {mode} mode", fontsize=9)
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time / base GEMM")
         ax.grid(True, which="both", alpha=0.3)
