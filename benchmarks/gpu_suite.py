@@ -64,6 +64,9 @@ GPU_TESTS = ["tests/test_kernels_gpu.py", "tests/test_router_gpu.py"]
 REHEARSAL_TESTS = ["tests/test_kernels_triton.py::test_shapes[16-16-1-1]",
                    "tests/test_router_triton.py::test_single_expert[1-7-1-output]"]
 PER_TEST_TIMEOUT_S = 120  # with pytest-timeout installed: one hung test fails alone
+# With pytest-xdist installed (GPU runs only), the GPU tests run in this many processes: most of their
+# time is Triton compiling, one kernel at a time per process, on a machine with CPU cores to spare.
+TEST_WORKERS = 6
 TINY_STUDENT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 TAIL_CHARS = 3000
@@ -76,7 +79,7 @@ TAIL_CHARS = 3000
 
 def _log_report(report, when: str) -> None:
     path = os.environ.get("GPU_SUITE_TEST_LOG")
-    if not path:
+    if not path or os.environ.get("PYTEST_XDIST_WORKER"):  # with xdist the controller writes every report
         return
     line = {"nodeid": report.nodeid, "when": when, "outcome": report.outcome,
             "seconds": round(getattr(report, "duration", 0.0) or 0.0, 3)}
@@ -292,6 +295,8 @@ def _tests_cmd(args, part_dir: Path) -> list[str]:
            f"--junitxml={part_dir / 'junit.xml'}"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd.append(f"--timeout={PER_TEST_TIMEOUT_S}")
+    if not args.rehearse and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(TEST_WORKERS)]
     return cmd
 
 

@@ -235,8 +235,10 @@ def _gpu_time(fn, grad_to_none) -> dict:
 
 
 # Cases with at most this many tokens (decode) are also timed back to back (``wall_ms``) and, on
-# CUDA, replayed from a CUDA graph (``graph_ms``, forward only).
+# CUDA, replayed from a CUDA graph (``graph_ms``, forward only, of the providers in GRAPH_PROVIDERS:
+# the torch path reads the gates on the host to plan one-hot rows, a sync that capture forbids).
 WALL_MAX_T = 16
+GRAPH_PROVIDERS = ("base", "triton")
 
 
 def _sync(device: torch.device) -> None:
@@ -448,7 +450,7 @@ def _run_case(i: int, case: Case, providers: list[str], dev: torch.device, dt: t
                 continue
             try:
                 wall[provider] = _wall_time(fn, dev)
-                if on_gpu and case.pass_ == "fwd":
+                if on_gpu and case.pass_ == "fwd" and provider in GRAPH_PROVIDERS:
                     graph[provider] = _graph_time(fn)
             except Exception as err:  # e.g. a host sync inside a captured call: recorded as None
                 log(f"  {provider} {'graph' if wall[provider] is not None else 'wall-clock'} timing failed on "
