@@ -2,7 +2,9 @@
 
 ``backend="auto"`` takes the Triton kernels when the tensors live on a CUDA device and the torch
 grouped path otherwise (the only path Triton can serve on CPU is its interpreter, which is for
-tests). The choice is logged once. An explicit request that cannot be served raises
+tests). The choice is logged once. ``backend="triton_addmm"`` (``lora_mixture`` only) runs a second
+design to measure against the fused one: the frozen GEMM in torch (cuBLAS) and the experts' expand
+added into its output with ``addmm`` (``triton_addmm.py``); ``auto`` does not pick it. An explicit request that cannot be served raises
 :class:`BackendUnavailableError`; nothing falls back silently.
 """
 
@@ -20,6 +22,8 @@ from .reference import lora_mixture_torch, single_expert_lora_torch
 log = logging.getLogger("modecotd_engine.kernels")
 
 BACKENDS = ("auto", "torch", "triton")
+# lora_mixture's backends: BACKENDS plus the second design, selected by name only
+MIXTURE_BACKENDS = BACKENDS + ("triton_addmm",)
 _logged_auto: set[str] = set()
 
 
@@ -37,7 +41,7 @@ def triton_interpreting() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, torch.Tensor | None] | None = None,
-                    op: str = "lora_mixture") -> str:
+                    op: str = "lora_mixture", backends: tuple[str, ...] = BACKENDS) -> str:
     """Map a backend request to the backend that will run, raising if it cannot be served.
 
     Args:
@@ -47,9 +51,11 @@ def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, to
             float16, bfloat16 and float32 only, so ``auto`` keeps any other dtype (float64) on torch
             and an explicit ``triton`` raises naming the tensor.
         op: the op's name, for the log line and the error message.
+        backends: the names the op accepts (``triton_addmm``, checked like ``triton``, is
+            ``lora_mixture``'s only).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}, got {backend!r}")
     unsupported = [(name, t.dtype) for name, t in (tensors or {}).items()
                    if t is not None and t.dtype not in TRITON_DTYPES]
     if backend == "auto":
@@ -60,7 +66,7 @@ def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, to
             why = f" ({unsupported[0][0]} is {unsupported[0][1]})" if device.type == "cuda" and unsupported else ""
             log.info("%s backend auto: %s tensors use the %s path%s", op, device.type, chosen, why)
         return chosen
-    if backend == "triton":
+    if backend in ("triton", "triton_addmm"):
         if unsupported:
             name, dtype = unsupported[0]
             raise UnsupportedDtypeError(
@@ -69,7 +75,7 @@ def resolve_backend(backend: str, device: torch.device, tensors: Mapping[str, to
             )
         if device.type != "cuda" and not triton_interpreting():
             raise BackendUnavailableError(
-                f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                f"backend={backend!r} needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
                 "before importing to run the kernels in Triton's CPU interpreter, or use backend='torch'"
             )
     return backend
@@ -97,7 +103,9 @@ def lora_mixture(
         gates: (..., E) one gate row per token, same leading dims as ``x``.
         scale: alpha / r.
         mode: "output" (sum of gated expert outputs) or "weight" (gated sums of A and B).
-        backend: "torch", "triton" or "auto" (triton on CUDA, torch otherwise).
+        backend: "torch", "triton" or "auto" (triton on CUDA, torch otherwise); "triton_addmm"
+            runs the second design (frozen GEMM by torch, expand by ``addmm``), served where
+            "triton" is.
     Returns:
         (..., N) in x's dtype. Differentiable in x, lora_a, lora_b and gates.
     """
@@ -105,7 +113,12 @@ def lora_mixture(
     # (check_supported) and the backward trusts what the forward saved.
     check_mixture_args(x, weight, bias, lora_a, lora_b, gates, scale, mode)
     chosen = resolve_backend(backend, x.device, {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a,
-                                                 "lora_b": lora_b, "gates": gates})
+                                                 "lora_b": lora_b, "gates": gates},
+                             backends=MIXTURE_BACKENDS)
+    if chosen == "triton_addmm":
+        from .triton_addmm import lora_mixture_triton_addmm  # imported lazily: needs a working triton
+
+        return lora_mixture_triton_addmm(x, weight, bias, lora_a, lora_b, gates, float(scale), mode)
     if chosen == "triton":
         from .triton_lora import lora_mixture_triton  # imported lazily: needs a working triton
 

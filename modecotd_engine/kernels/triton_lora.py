@@ -475,7 +475,7 @@ def lora_mixture_fwd(
     """
     check_supported(x, weight, bias, lora_a, lora_b, gates, mode)
     x = rows_contiguous(x)
-    t_len, k_len = x.shape
+    t_len = x.shape[0]
     n_len = weight.shape[0]
     num_experts, rank, _ = lora_a.shape
     out = alloc((t_len, n_len), dtype=x.dtype, device=x.device)
@@ -483,13 +483,34 @@ def lora_mixture_fwd(
         return out
     plan = make_plan(t_len, num_experts, rank, x.dtype)
     weight_mode = mode == "weight"
+    hbuf = launch_shrink(x, lora_a, gates, scale, plan, weight_mode=weight_mode)
+    launch_fused_gemm(
+        left=x, right=weight, right_strides=(weight.stride(1), weight.stride(0)),
+        lowrank=hbuf, factor=lora_b,
+        factor_strides=(lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
+        gates=gates, bias=bias, out=out, scale=scale, weight_mode=weight_mode, plan=plan,
+    )
+    return out
+
+
+def launch_shrink(x, lora_a, gates, scale, plan, *, weight_mode, zero_fill=False):
+    """The forward shrink: (S, T, E*R) buffer of H~ = s G H (output mode) or P = G H (weight mode, fp32),
+    S > 1 K-split partials (fp32) for decode-sized batches.
+
+    Blocks of experts with no nonzero gate in a row tile are not written (their consumers mask them
+    off); ``zero_fill`` allocates the buffer zeroed instead, for consumers that read every element
+    (a dense ``addmm``).
+    """
+    t_len, k_len = x.shape
+    num_experts, rank, _ = lora_a.shape
     k_per_split = _k_per_split(t_len, k_len)
     n_split = triton.cdiv(k_len, k_per_split) if k_len > 0 else 1
     # Partials of a K split, and weight mode's P = G*H, stay fp32 until they are summed.
-    hbuf = alloc((n_split, t_len, num_experts * rank), device=x.device,
-                 dtype=torch.float32 if (weight_mode or n_split > 1) else x.dtype)
+    shape = (n_split, t_len, num_experts * rank)
+    dtype = torch.float32 if (weight_mode or n_split > 1) else x.dtype
+    hbuf = (torch.zeros(shape, dtype=dtype, device=x.device) if zero_fill
+            else alloc(shape, dtype=dtype, device=x.device))
     n_groups = triton.cdiv(num_experts, plan.ept)
-
     _lora_shrink_kernel[lambda meta: (triton.cdiv(t_len, meta["BLOCK_M"]) * n_groups * n_split,)](
         x, lora_a, gates, hbuf,
         x.stride(0), x.stride(1),
@@ -499,13 +520,7 @@ def lora_mixture_fwd(
         t_len, k_len, num_experts, rank, n_split, max(k_per_split, 1), scale, plan.t_bucket,
         OUTPUT_MODE=not weight_mode, PREC=plan.prec, BLOCK_R=plan.block_r, EPT=plan.ept,
     )
-    launch_fused_gemm(
-        left=x, right=weight, right_strides=(weight.stride(1), weight.stride(0)),
-        lowrank=hbuf, factor=lora_b,
-        factor_strides=(lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
-        gates=gates, bias=bias, out=out, scale=scale, weight_mode=weight_mode, plan=plan,
-    )
-    return out
+    return hbuf
 
 
 def launch_token_reduce(*, big, small, gates, out, out_strides, plan):
@@ -563,8 +578,14 @@ def lora_mixture_bwd(
     return _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs)
 
 
-def _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs):
-    """:func:`lora_mixture_bwd` on inputs already checked (the autograd Function's backward)."""
+def _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs, expand="fused"):
+    """:func:`lora_mixture_bwd` on inputs already checked (the autograd Function's backward).
+
+    ``expand="addmm"`` (the ``triton_addmm`` design, ``triton_addmm.py``) computes dX as
+    ``dY W`` (torch matmul) plus ``dH A_cat`` (``addmm_``) instead of the fused GEMM kernel; dH is
+    then zero-filled, since the dense ``addmm`` reads the blocks the kernels leave unwritten.
+    """
+    addmm = expand == "addmm"
     x = rows_contiguous(x)
     dy = rows_contiguous(dy.to(x.dtype))
     t_len, k_len = x.shape
@@ -597,13 +618,20 @@ def _lora_mixture_bwd(dy, x, weight, lora_a, lora_b, gates, scale, mode, needs):
             ht = alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
             launch_weight_combine(raw_dht, raw_h, gates, dh, ht, dg, scale, plan)
         else:
-            dh = alloc((t_len, er), dtype=x.dtype, device=dev) if need_dh else None
+            dh = None
+            if need_dh:
+                dh = (torch.zeros((t_len, er), dtype=x.dtype, device=dev) if addmm
+                      else alloc((t_len, er), dtype=x.dtype, device=dev))
             ht = alloc((t_len, er), dtype=x.dtype, device=dev) if need_ht else None
             launch_bwd_shrink(dy, x, lora_a, lora_b, gates, dh, ht, dg, scale, plan,
                               weight_mode=False, compute_all=needs.gates)
 
     # 2. dX = [dY | dH] [W ; A_cat]: the forward's fused GEMM kernel with W read untransposed
-    if needs.x and k_len > 0:
+    #    (addmm: dY W by torch, then dH A_cat added in place; the weight-mode combine writes all of dH)
+    if needs.x and addmm:
+        torch.mm(dy, weight, out=dx)
+        dx.addmm_(dh, lora_a.reshape(er, k_len).to(x.dtype))
+    elif needs.x and k_len > 0:
         launch_fused_gemm(
             left=dy, right=weight, right_strides=(weight.stride(0), weight.stride(1)),
             lowrank=dh, factor=lora_a,
@@ -689,6 +717,44 @@ def launch_weight_combine(raw_dht, raw_h, gates, dh, ht, dg, scale, plan):
 # ----------------------------------------------------------------------------------------------
 
 
+def function_forward(ctx, fwd, x, weight, bias, lora_a, lora_b, gates, scale, mode):
+    """An autograd Function's forward: flatten to (T, K) / (T, E), run ``fwd`` (a forward launcher
+    with :func:`lora_mixture_fwd`'s signature), save what the backward needs."""
+    lead, k_len = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k_len)  # (T, K)
+    g2 = gates.reshape(-1, gates.shape[-1])  # (T, E)
+    y2 = fwd(x2, weight, bias, lora_a, lora_b, g2, scale, mode)
+    ctx.save_for_backward(x2, weight, lora_a, lora_b, g2)
+    ctx.scale, ctx.mode = scale, mode
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.lead, ctx.gates_shape = lead, gates.shape
+    return y2.view(*lead, y2.shape[-1])
+
+
+def function_backward(ctx, dy, expand="fused"):
+    """An autograd Function's backward (see :func:`_lora_mixture_bwd` for ``expand``): the
+    gradients of (x, weight, bias, lora_a, lora_b, gates, scale, mode)."""
+    x2, weight, lora_a, lora_b, g2 = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, need_g = ctx.needs_input_grad[:6]
+    dy2 = dy.reshape(-1, weight.shape[0])  # (T, N)
+    needs = GradNeeds(x=need_x, lora_a=need_a, lora_b=need_b, gates=need_g)
+    dx = da = db = dg = None
+    if need_x or need_a or need_b or need_g:
+        # checked by the forward: the backward trusts the tensors it saved
+        dx, da, db, dg = _lora_mixture_bwd(dy2, x2, weight, lora_a, lora_b, g2, ctx.scale,
+                                           ctx.mode, needs, expand)
+    dw = (dy2.t().to(x2.dtype) @ x2).to(weight.dtype) if need_w else None
+    dbias = None
+    if need_bias and ctx.has_bias:
+        dbias = dy2.float().sum(0).to(ctx.bias_dtype)
+    if dx is not None:
+        dx = dx.view(*ctx.lead, x2.shape[-1])
+    if dg is not None:
+        dg = dg.view(ctx.gates_shape)
+    return dx, dw, dbias, da, db, dg, None, None
+
+
 class LoraMixtureTritonFunction(torch.autograd.Function):
     """Triton forward/backward of the gated multi-LoRA layer (see the module docstring).
 
@@ -698,37 +764,11 @@ class LoraMixtureTritonFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, gates, scale: float, mode: str):
-        lead, k_len = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k_len)  # (T, K)
-        g2 = gates.reshape(-1, gates.shape[-1])  # (T, E)
-        y2 = lora_mixture_fwd(x2, weight, bias, lora_a, lora_b, g2, scale, mode)
-        ctx.save_for_backward(x2, weight, lora_a, lora_b, g2)
-        ctx.scale, ctx.mode = scale, mode
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.lead, ctx.gates_shape = lead, gates.shape
-        return y2.view(*lead, y2.shape[-1])
+        return function_forward(ctx, lora_mixture_fwd, x, weight, bias, lora_a, lora_b, gates, scale, mode)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_a, lora_b, g2 = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, need_g = ctx.needs_input_grad[:6]
-        dy2 = dy.reshape(-1, weight.shape[0])  # (T, N)
-        needs = GradNeeds(x=need_x, lora_a=need_a, lora_b=need_b, gates=need_g)
-        dx = da = db = dg = None
-        if need_x or need_a or need_b or need_g:
-            # checked by the forward: the backward trusts the tensors it saved
-            dx, da, db, dg = _lora_mixture_bwd(dy2, x2, weight, lora_a, lora_b, g2, ctx.scale,
-                                               ctx.mode, needs)
-        dw = (dy2.t().to(x2.dtype) @ x2).to(weight.dtype) if need_w else None
-        dbias = None
-        if need_bias and ctx.has_bias:
-            dbias = dy2.float().sum(0).to(ctx.bias_dtype)
-        if dx is not None:
-            dx = dx.view(*ctx.lead, x2.shape[-1])
-        if dg is not None:
-            dg = dg.view(ctx.gates_shape)
-        return dx, dw, dbias, da, db, dg, None, None
+        return function_backward(ctx, dy)
 
 
 lora_mixture_triton = LoraMixtureTritonFunction.apply
