@@ -5,6 +5,10 @@ Providers, side by side in one run and on the same inputs:
 * ``base``: the frozen GEMM alone, ``F.linear(x, W, b)`` (the floor). Its forward+backward is the
   base forward plus the base dX GEMM (W frozen: no dW).
 * ``triton``: ``lora_mixture(..., backend="triton")``, the fused kernels (CUDA only).
+* ``triton_addmm``: ``lora_mixture(..., backend="triton_addmm")``, the second design (CUDA only): the
+  frozen GEMM by cuBLAS (``F.linear`` / ``torch.mm``) and the experts' expand added into its output
+  with ``addmm_`` (vLLM's layout), with the same shrink and backward kernels. Beside ``triton`` in
+  every case, so one run says per shape which design to keep.
 * ``torch``: ``lora_mixture(..., backend="torch")``, the grouped torch path (one-hot rows take its
   per-active-expert path).
 * ``loop``: a per-expert Python loop (``lora_mixture_loop``), what PEFT-style code does.
@@ -60,7 +64,9 @@ SHAPES = {
 SMOL = ["smollm2-135m attn 576->576", "smollm2-135m mlp 576->1536"]
 TOKENS = (1, 16, 256, 4096)
 ALPHA = 32.0
-PROVIDERS = ("base", "triton", "torch", "loop")
+PROVIDERS = ("base", "triton", "triton_addmm", "torch", "loop")
+# the providers that run the Triton kernels (CUDA only outside tests)
+TRITON_PROVIDERS = ("triton", "triton_addmm")
 # On CPU a full sweep skips cases above this many base-GEMM FLOPs (one 7B MLP GEMM at T=4096 is
 # 0.37 TFLOP: tens of seconds per call on a laptop-class CPU).
 CPU_MAX_BASE_FLOPS = 2.0e10
@@ -238,7 +244,7 @@ def _gpu_time(fn, grad_to_none) -> dict:
 # CUDA, replayed from a CUDA graph (``graph_ms``, forward only, of the providers in GRAPH_PROVIDERS:
 # the torch path reads the gates on the host to plan one-hot rows, a sync that capture forbids).
 WALL_MAX_T = 16
-GRAPH_PROVIDERS = ("base", "triton")
+GRAPH_PROVIDERS = ("base", "triton", "triton_addmm")
 
 
 def _sync(device: torch.device) -> None:
@@ -353,7 +359,7 @@ def _environment(device: torch.device) -> dict:
 
 
 def _providers(device: torch.device) -> list[str]:
-    return [p for p in PROVIDERS if p != "triton" or device.type == "cuda"]
+    return [p for p in PROVIDERS if p not in TRITON_PROVIDERS or device.type == "cuda"]
 
 
 def run_kernel_bench(out_dir: Path, quick: bool = False, device: str | None = None,
@@ -427,14 +433,14 @@ def _run_case(i: int, case: Case, providers: list[str], dev: torch.device, dt: t
     grads = [tensors[k] for k in ("x", "a", "bb")]
     fns = {p: _make_fn(p, case, tensors, scale) for p in providers}
     timings: dict[str, dict | None] = {}
-    picked: dict = {}
+    picked: dict[str, dict] = {}
     if on_gpu:
         for provider, fn in fns.items():
             try:
                 before = _tuned_configs()
                 timings[provider] = _gpu_time(fn, grads if need_grad else None)
-                if provider == "triton":
-                    picked = {k: v for k, v in _tuned_configs().items() if before.get(k) != v}
+                if provider in TRITON_PROVIDERS:  # configs tuned for this case by this provider's calls
+                    picked[provider] = {k: v for k, v in _tuned_configs().items() if before.get(k) != v}
             except Exception as err:  # one failing provider must not sink the whole report
                 timings[provider] = None
                 log(f"  {provider} failed on {case}: {type(err).__name__}: {err}")
@@ -466,7 +472,7 @@ def _run_case(i: int, case: Case, providers: list[str], dev: torch.device, dt: t
                "ratio_to_base": None, "ratio_of_mins": None,
                "wall_ms": wall.get(provider), "wall_ratio_to_base": None,
                "graph_ms": graph.get(provider), "graph_ratio_to_base": None,
-               "configs": picked if provider == "triton" else None}
+               "configs": picked.get(provider, {}) if provider in TRITON_PROVIDERS else None}
         if tm is not None:
             ratio = tm["ratio"]
             if ratio is None and base is not None:
@@ -639,11 +645,11 @@ def plot_ratios(report: dict, path: Path) -> None:
     ncol = 2
     nrow = (len(panels) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(11, 3.2 * nrow), squeeze=False)
-    colors = {"triton": "tab:red", "torch": "tab:blue", "loop": "tab:gray"}
+    colors = {"triton": "tab:red", "triton_addmm": "tab:orange", "torch": "tab:blue", "loop": "tab:gray"}
     styles = {"one-hot-grouped": "-", "dense": "--"}
     for ax, (shape, pass_, mode) in zip(axes.flat, panels):
         mine = [r for r in rows if r["shape"] == shape and r["pass"] == pass_ and r.get("mode", "output") == mode]
-        for provider in ("triton", "torch", "loop"):
+        for provider in ("triton", "triton_addmm", "torch", "loop"):
             for gates, style in styles.items():
                 pts = sorted((r["t"], r["ratio_to_base"]) for r in mine
                              if r["provider"] == provider and r["gates"] == gates)
