@@ -7,15 +7,17 @@ For a row tile and a column tile of the output::
 
 * forward:  L = X (T, K), R = W^T, H~ the shrink's output (T, E*r), F_e = B_e^T, so
   ``Y = [X | H~] [W | B_cat]^T + b``. In output mode the shrink wrote ``H~ = s G H``; in weight mode
-  it wrote ``P = G H`` (fp32) and this kernel forms ``u_t = sum_e P[t,e]`` and ``H~[t,e] = s G[t,e] u_t``
-  on the fly. Decode-sized batches hand over K-split partials of the shrink (S slabs), summed here as
-  they are loaded.
+  it wrote ``P = G H`` (fp32) and this kernel forms ``u_t = sum_e P[t,e]`` in registers (loads masked
+  by the gates, no branch per expert) and then, per expert group, the tile ``H~[t,e] = s G[t,e] u_t`` of
+  all the group's experts at once, expanded with one dot per group as in output mode.
+  Decode-sized batches hand over K-split partials of the shrink (S slabs), summed here as they are
+  loaded.
 * backward: L = dY, R = W read untransposed, H~ = dH, F_e = A_e, so ``dX = [dY | dH] [W ; A_cat]``
   (the routed op appends its router blocks to A_cat as extra experts).
 
-An expert whose gates are all zero in a row tile is skipped; a tile with a single active expert takes
-a one-expert path (one LoRA's work whatever E is). Autotune table and pruner: ``fused_configs`` and
-``prune_fused`` in ``triton_configs.py``.
+An expert group whose gates are all zero in a row tile is skipped; a tile with a single active expert
+takes a one-expert path in both modes (one LoRA's work whatever E is). Autotune table and pruner:
+``fused_configs`` and ``prune_fused`` in ``triton_configs.py``.
 """
 
 from __future__ import annotations
@@ -108,57 +110,64 @@ def _lora_fused_gemm_kernel(
     # low-rank part: the rest of the concatenated reduction axis, into the same accumulator
     offs_j = tl.arange(0, BLOCK_R)
     j_ok = offs_j < R
-    if WEIGHT_MODE:
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for e in range(0, E):
-            g_u = tl.load(g_ptr + rows * stride_g_t + e * stride_g_e, mask=row_ok, other=0.0)
-            nz = g_u.to(tl.float32) != 0.0
-            if tl.max(nz.to(tl.int32), axis=0) > 0:
+    offs_e = tl.arange(0, E_PAD)
+    g_all = tl.load(g_ptr + rows[:, None] * stride_g_t + offs_e[None, :] * stride_g_e,
+                    mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
+    e_act = tl.max((g_all != 0.0).to(tl.int32), axis=0)  # (E_PAD,)
+    n_act = tl.sum(e_act, axis=0)
+    if n_act == 1:
+        # one active expert: H~ = h (output mode) or s*G*u with u = P of that expert (weight mode)
+        e1 = tl.sum(e_act * offs_e, axis=0).to(tl.int64)
+        g1 = tl.load(g_ptr + rows * stride_g_t + e1 * stride_g_e, mask=row_ok, other=0.0)
+        h = _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (e1 * R + offs_j)[None, :],
+                        (row_ok & (g1.to(tl.float32) != 0.0))[:, None] & j_ok[None, :],
+                        n_split, stride_lr_s)
+        if WEIGHT_MODE:
+            h = h * (scale * g1.to(tl.float32))[:, None]
+        w = tl.load(rr_ptr + e1 * stride_rr_e + offs_j[:, None] * stride_rr_j
+                    + cols[None, :] * stride_rr_c,
+                    mask=j_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
+    elif n_act > 1:
+        offs_g = tl.arange(0, EPT * BLOCK_R)
+        gj = offs_g % BLOCK_R
+        if WEIGHT_MODE:
+            # u_t = sum_e P[t,e], one (BLOCK_M, BLOCK_R) block per expert; zero gates mask their loads
+            # off (no `if` in this loop)
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            offs_i = tl.arange(0, EPT)  # expert within a group (the expand below)
+            for e in range(0, E):
+                g_u = tl.load(g_ptr + rows * stride_g_t + e * stride_g_e, mask=row_ok, other=0.0)
                 u += _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (e * R + offs_j)[None, :],
-                                 (row_ok & nz)[:, None] & j_ok[None, :], n_split, stride_lr_s)
-        for e in range(0, E):
-            g_e = tl.load(g_ptr + rows * stride_g_t + e * stride_g_e, mask=row_ok,
-                          other=0.0).to(tl.float32)
-            if tl.max((g_e != 0.0).to(tl.int32), axis=0) > 0:
-                w = tl.load(rr_ptr + e * stride_rr_e + offs_j[:, None] * stride_rr_j
-                            + cols[None, :] * stride_rr_c,
-                            mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-                ht = (u * (scale * g_e)[:, None]).to(dt)  # H~ = s*G*u, rounded like the torch path
-                acc = tl.dot(ht, w.to(dt), acc, input_precision=PREC)
-    else:
-        offs_e = tl.arange(0, E_PAD)
-        g_all = tl.load(g_ptr + rows[:, None] * stride_g_t + offs_e[None, :] * stride_g_e,
-                        mask=row_ok[:, None] & (offs_e < E)[None, :], other=0.0).to(tl.float32)
-        e_act = tl.max((g_all != 0.0).to(tl.int32), axis=0)  # (E_PAD,)
-        n_act = tl.sum(e_act, axis=0)
-        if n_act == 1:
-            e1 = tl.sum(e_act * offs_e, axis=0).to(tl.int64)
-            g1 = tl.load(g_ptr + rows * stride_g_t + e1 * stride_g_e, mask=row_ok, other=0.0)
-            h = _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (e1 * R + offs_j)[None, :],
-                            (row_ok & (g1.to(tl.float32) != 0.0))[:, None] & j_ok[None, :],
-                            n_split, stride_lr_s)
-            w = tl.load(rr_ptr + e1 * stride_rr_e + offs_j[:, None] * stride_rr_j
-                        + cols[None, :] * stride_rr_c,
-                        mask=j_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
-        elif n_act > 1:
-            offs_g = tl.arange(0, EPT * BLOCK_R)
-            gj = offs_g % BLOCK_R
-            for e0 in range(0, E, EPT):
-                ce = (e0 + offs_g // BLOCK_R).to(tl.int64)  # (EPT*BLOCK_R,)
-                ce_in = ce < E
+                                 (row_ok & (g_u.to(tl.float32) != 0.0))[:, None] & j_ok[None, :],
+                                 n_split, stride_lr_s)
+        for e0 in range(0, E, EPT):
+            ce = (e0 + offs_g // BLOCK_R).to(tl.int64)  # (EPT*BLOCK_R,)
+            ce_in = ce < E
+            if WEIGHT_MODE:
+                ge = (e0 + offs_i).to(tl.int64)
+                gg = tl.load(g_ptr + rows[:, None] * stride_g_t + ge[None, :] * stride_g_e,
+                             mask=row_ok[:, None] & (ge < E)[None, :], other=0.0).to(tl.float32)
+                g_act = tl.max((gg != 0.0).to(tl.int32), axis=0)  # (EPT,) expert has a nonzero gate
+                c_act = tl.reshape(tl.broadcast_to(g_act[:, None], (EPT, BLOCK_R)), (EPT * BLOCK_R,)) > 0
+            else:
                 g2 = tl.load(g_ptr + rows[:, None] * stride_g_t + ce[None, :] * stride_g_e,
                              mask=row_ok[:, None] & ce_in[None, :], other=0.0).to(tl.float32)
                 nz = g2 != 0.0
                 c_act = tl.max(nz.to(tl.int32), axis=0) > 0
-                if tl.sum(c_act.to(tl.int32), axis=0) > 0:
-                    c_ok = ce_in & (gj < R)
+            if tl.sum(c_act.to(tl.int32), axis=0) > 0:
+                c_ok = ce_in & (gj < R)
+                if WEIGHT_MODE:
+                    # H~ = s*G*u for the group's experts at once, rounded like the torch path
+                    h = tl.reshape((u[:, None, :] * (scale * gg)[:, :, None]).to(dt),
+                                   (BLOCK_M, EPT * BLOCK_R))
+                else:
                     h = _sum_splits(lr_ptr + rows[:, None] * stride_lr_t + (ce * R + gj)[None, :],
                                     nz & c_ok[None, :], n_split, stride_lr_s)
-                    w = tl.load(rr_ptr + ce[:, None] * stride_rr_e + gj[:, None] * stride_rr_j
-                                + cols[None, :] * stride_rr_c,
-                                mask=(c_ok & c_act)[:, None] & col_ok[None, :], other=0.0)
-                    acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
+                w = tl.load(rr_ptr + ce[:, None] * stride_rr_e + gj[:, None] * stride_rr_j
+                            + cols[None, :] * stride_rr_c,
+                            mask=(c_ok & c_act)[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(h.to(dt), w.to(dt), acc, input_precision=PREC)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols * stride_bias, mask=col_ok, other=0.0).to(tl.float32)
