@@ -4,8 +4,8 @@
 grouped path otherwise (the only path Triton can serve on CPU is its interpreter, which is for
 tests). The choice is logged once. ``backend="triton_addmm"`` (``lora_mixture`` only) runs a second
 design to measure against the fused one: the frozen GEMM in torch (cuBLAS) and the experts' expand
-added into its output with ``addmm`` (``triton_addmm.py``); ``auto`` does not pick it. An explicit request that cannot be served raises
-:class:`BackendUnavailableError`; nothing falls back silently.
+added into its output with ``addmm`` (``triton_addmm.py``); ``auto`` does not pick it. An explicit
+request that cannot be served raises :class:`BackendUnavailableError`; nothing falls back silently.
 """
 
 from __future__ import annotations
