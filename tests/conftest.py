@@ -26,20 +26,11 @@ TINY_CONFIG = dict(
 
 
 def make_byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: every byte is one token, any text encodes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE tokenizer with no merges: every byte is one token, any text encodes (the one the
+    benchmarks' random-weight students use)."""
+    from modecotd_engine.bench.common import byte_tokenizer
 
-    specials = ["<pad>", "<s>", "</s>"]
-    vocab = {tok: i for i, tok in enumerate(specials)}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token=None
-    )
+    return byte_tokenizer()
 
 
 def make_tiny_student(path: Path, seed: int = 0, **overrides) -> Path:

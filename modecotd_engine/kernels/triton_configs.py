@@ -112,6 +112,18 @@ def for_bucket(configs, t_bucket):
     return [c for c in configs if t_bucket in getattr(c, "buckets", (t_bucket,))] or list(configs)
 
 
+def prune_by(configs, named_args, prec, *, block, extent, tile_elems, ieee_limit, smem):
+    """The pruning every table goes through: the configs of the call's token bucket, ``block`` tiles no
+    wider than the padded ``extent`` they cover, small tiles for IEEE fp32 (``tile_elems`` <=
+    ``ieee_limit``), then the shared-memory fit of ``smem``."""
+    if len(configs) == 1:
+        return configs
+    cand = for_bucket(configs, named_args["T_BUCKET"])
+    cand = [c for c in cand if c.kwargs[block] <= max(32, next_pow2(extent))] or cand
+    cand = small_tiles_for_ieee(cand, prec, tile_elems, ieee_limit)
+    return plain(keep_fitting(cand, smem, smem_limit()))
+
+
 def small_tiles_for_ieee(configs, prec, tile_elems, limit):
     """IEEE fp32 dots run on FMA units: big tiles gain nothing there and compile for minutes
     (a 128x128 fused tile took 128 s for sm_90 with Triton 3.9), so fp32 keeps the small ones."""
@@ -182,19 +194,15 @@ def shrink_configs(interpret: bool = INTERPRET):
 
 
 def prune_shrink(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
     x, a = named_args["x_ptr"], named_args["a_ptr"]
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    cand = for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_K"] <= max(32, next_pow2(named_args["K"]))] or cand
-    cand = small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 64 * 128)
 
     def smem(c):
         bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
         return c.num_stages * (tile_bytes(bm, bk, x) + tile_bytes(bk, cols, a))
 
-    return plain(keep_fitting(cand, smem, smem_limit()))
+    return prune_by(configs, named_args, kwargs["PREC"], block="BLOCK_K", extent=named_args["K"],
+                    tile_elems=lambda c: c.kwargs["BLOCK_M"] * cols, ieee_limit=64 * 128, smem=smem)
 
 
 def bwd_shrink_configs(interpret: bool = INTERPRET):
@@ -213,20 +221,16 @@ def bwd_shrink_configs(interpret: bool = INTERPRET):
 
 
 def prune_bwd_shrink(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
     x, factor = named_args["x_ptr"], max(named_args["a_ptr"], named_args["b_ptr"], key=lambda t: t.element_size())
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    d_max = max(named_args["N"], named_args["K"])
-    cand = for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_D"] <= max(32, next_pow2(d_max))] or cand
-    cand = small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_M"] * cols, 32 * 128)
 
     def smem(c):
         bm, bd = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_D"]
         return c.num_stages * (tile_bytes(bm, bd, x) + tile_bytes(bd, cols, factor))
 
-    return plain(keep_fitting(cand, smem, smem_limit()))
+    return prune_by(configs, named_args, kwargs["PREC"], block="BLOCK_D",
+                    extent=max(named_args["N"], named_args["K"]),
+                    tile_elems=lambda c: c.kwargs["BLOCK_M"] * cols, ieee_limit=32 * 128, smem=smem)
 
 
 def reduce_configs(interpret: bool = INTERPRET):
@@ -242,16 +246,12 @@ def reduce_configs(interpret: bool = INTERPRET):
 
 
 def prune_reduce(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
     big, small = named_args["big_ptr"], named_args["small_ptr"]
     cols = kwargs["EPT"] * kwargs["BLOCK_R"]
-    cand = for_bucket(configs, named_args["T_BUCKET"])
-    cand = [c for c in cand if c.kwargs["BLOCK_C"] <= max(32, next_pow2(named_args["C"]))] or cand
-    cand = small_tiles_for_ieee(cand, kwargs["PREC"], lambda c: c.kwargs["BLOCK_C"] * cols, 64 * 128)
 
     def smem(c):
         bc, bt = c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"]
         return c.num_stages * (tile_bytes(bt, bc, big) + tile_bytes(bt, cols, small))
 
-    return plain(keep_fitting(cand, smem, smem_limit()))
+    return prune_by(configs, named_args, kwargs["PREC"], block="BLOCK_C", extent=named_args["C"],
+                    tile_elems=lambda c: c.kwargs["BLOCK_C"] * cols, ieee_limit=64 * 128, smem=smem)
