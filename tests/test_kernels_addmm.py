@@ -22,7 +22,7 @@ from test_kernels_triton import (  # noqa: E402
     ON_CUDA,
     PATTERNS,
     SCALE,
-    assert_budget,
+    check_against_oracle,
     make_case,
     run,
 )
@@ -34,17 +34,7 @@ BACKEND = "triton_addmm"
 
 
 def check_addmm(case, mode="output", grads=GRAD_NAMES, prep=None):
-    ref = run(case, "oracle", grads, mode, double=True, prep=prep)
-    tor = run(case, "torch", grads, mode, prep=prep)
-    got = run(case, BACKEND, grads, mode, prep=prep)
-    for key in ref:
-        if ref[key] is None:
-            assert got[key] is None, key
-            continue
-        assert got[key] is not None, f"{key}: no gradient"
-        assert got[key].dtype == tor[key].dtype, f"{key}: dtype {got[key].dtype} != {tor[key].dtype}"
-        assert_budget(key, got[key], ref[key], tor[key])
-    return got
+    return check_against_oracle(case, mode, grads, prep, backend=BACKEND)
 
 
 @pytest.mark.parametrize("mode", ["output", "weight"])

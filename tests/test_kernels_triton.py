@@ -155,10 +155,10 @@ def assert_budget(name, got, ref, torch_got):
     )
 
 
-def check_against_oracle(case, mode="output", grads=GRAD_NAMES, prep=None):
+def check_against_oracle(case, mode="output", grads=GRAD_NAMES, prep=None, backend="triton"):
     ref = run(case, "oracle", grads, mode, double=True, prep=prep)
     tor = run(case, "torch", grads, mode, prep=prep)
-    tri = run(case, "triton", grads, mode, prep=prep)
+    tri = run(case, backend, grads, mode, prep=prep)
     for key in ref:
         if ref[key] is None:
             assert tri[key] is None, key
