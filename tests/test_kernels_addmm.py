@@ -24,7 +24,6 @@ from test_kernels_triton import (  # noqa: E402
     SCALE,
     check_against_oracle,
     make_case,
-    run,
 )
 
 from modecotd_engine.kernels import lora_mixture  # noqa: E402
