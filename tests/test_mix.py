@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -453,20 +454,36 @@ def test_pick_by_generation_keeps_the_candidate_that_answers(student):
 
 def expected_choice(found: list[dict], prior: int, shots: int) -> int:
     """The documented rule, written out: best by (correct, answered, is prior, -objective); it
-    replaces the prior only when ceil(0.3 * shots) (at least 1) shots better."""
+    replaces the prior only when a one-sided sign test over the shots the two answer differently
+    (correctly; on equal correct counts, at all) gives p <= 0.05."""
     key = [(c["correct"], c["answered"], i == prior, -c["objective"]) for i, c in enumerate(found)]
     best = key.index(max(key))
-    need = max(1, -(-3 * shots // 10))
     b, d = found[best], found[prior]
-    if b["correct"] - d["correct"] >= need or (b["correct"] == d["correct"] and b["answered"] - d["answered"] >= need):
-        return best
-    return prior
+    assert len(b["right"]) == len(d["right"]) == shots
+    field = "right" if b["correct"] != d["correct"] else "has_answer"
+    wins = sum(x == 1 and y == 0 for x, y in zip(b[field], d[field]))
+    losses = sum(x == 0 and y == 1 for x, y in zip(b[field], d[field]))
+    n = wins + losses
+    p = sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+    return best if wins > losses and p <= 0.05 else prior
 
 
-def test_pick_by_generation_needs_a_margin_to_replace_the_prior(student, monkeypatch):
-    """Five shots: one more correct answer than the prior is noise (the prior stays), two are not."""
+def fake_generations(monkeypatch, texts: list[str]):
+    """``generate_detailed`` replaced by one that returns ``texts`` (the first ``len(prompts)``)."""
     from modecotd_engine.engine import generate as gen_module
-    from modecotd_engine.engine.generate import GenerationConfig, GenerationResult
+    from modecotd_engine.engine.generate import GenerationResult
+
+    def fake(model, tokenizer, prompts, **kw):
+        out = texts[: len(prompts)]
+        return GenerationResult(out, [1] * len(out), ["stop"] * len(out), [0.0] * len(out), 0.0)
+
+    monkeypatch.setattr(gen_module, "generate_detailed", fake)
+
+
+def test_pick_by_generation_needs_evidence_to_replace_the_prior(monkeypatch):
+    """Five shots: 3 right against the prior's 1 is noise (p = 1/4, the prior stays, the measured
+    tracking case); 5 against 0 is not (p = 1/32)."""
+    from modecotd_engine.engine.generate import GenerationConfig
     from modecotd_engine.engine.mix import pick_by_generation
 
     shots = [{"input": f"Q{i}", "output": f"-->\n{i} END"} for i in range(5)]
@@ -474,20 +491,41 @@ def test_pick_by_generation_needs_a_margin_to_replace_the_prior(student, monkeyp
     def answers(right: int) -> list[str]:  # the first `right` shots answered correctly, the rest wrong
         return [f"-->\n{i if i < right else 99} END" for i in range(5)]
 
-    def fake(model, tokenizer, prompts, **kw):
-        texts = answers(1) + answers(2) + answers(3)  # candidates: prior 1 right, then 2, then 3
-        texts = texts[: len(prompts)]
-        return GenerationResult(texts, [1] * len(texts), ["stop"] * len(texts), [0.0] * len(texts), 0.0)
-
-    monkeypatch.setattr(gen_module, "generate_detailed", fake)
     handle = type("H", (), {"model": None})()
     cfg = GenerationConfig()
-    cands = [(torch.zeros(3), 1.0), (torch.ones(3), 0.5)]
-    assert pick_by_generation(handle, None, shots, "addsub", cands, cfg, default=0)[0] == 0  # +1: noise
-    cands3 = cands + [(torch.full((3,), 2.0), 0.9)]
-    chosen, records = pick_by_generation(handle, None, shots, "addsub", cands3, cfg, default=0)
-    assert [r["correct"] for r in records] == [1, 2, 3] and chosen == 2  # +2: replaces the prior
-    assert pick_by_generation(handle, None, shots, "addsub", cands3, cfg, default=0, margin=3)[0] == 0
+    cands = [(torch.zeros(3), 1.0), (torch.ones(3), 0.5), (torch.full((3,), 2.0), 0.9)]
+    fake_generations(monkeypatch, answers(1) + answers(2) + answers(3))
+    chosen, records = pick_by_generation(handle, None, shots, "addsub", cands, cfg, default=0)
+    assert [r["correct"] for r in records] == [1, 2, 3] and chosen == 0
+    assert records[2]["right"] == [1, 1, 1, 0, 0] and records[2]["has_answer"] == [1] * 5
+    # a lower level is not needed to keep it; a looser one lets the 3-vs-1 candidate through (p = 1/4)
+    assert pick_by_generation(handle, None, shots, "addsub", cands, cfg, default=0, alpha=0.25)[0] == 2
+
+    fake_generations(monkeypatch, answers(0) + answers(5))
+    chosen, records = pick_by_generation(handle, None, shots, "addsub", cands[:2], cfg, default=0)
+    assert [r["correct"] for r in records] == [0, 5] and chosen == 1
+
+    # the prior right on one shot the candidate misses: 4 wins, 1 loss, p = 6/32: the prior stays
+    fake_generations(monkeypatch, ["-->\n0 END"] + ["-->\n99 END"] * 4 + ["-->\n99 END"] + answers(5)[1:])
+    chosen, records = pick_by_generation(handle, None, shots, "addsub", cands[:2], cfg, default=0)
+    assert [r["correct"] for r in records] == [1, 4] and chosen == 0
+
+
+def test_pick_by_generation_counts_answers_when_correct_answers_tie(monkeypatch):
+    """As many correct answers (none): a candidate that answers all five shots where the prior
+    answers none replaces it; one that answers four does not."""
+    from modecotd_engine.engine.generate import GenerationConfig
+    from modecotd_engine.engine.mix import pick_by_generation
+
+    shots = [{"input": f"Q{i}", "output": f"-->\nyes END"} for i in range(5)]
+    handle = type("H", (), {"model": None})()
+    cands = [(torch.zeros(2), 1.0), (torch.ones(2), 0.5)]
+    fake_generations(monkeypatch, ["1. 1. 1."] * 5 + ["-->\nno END"] * 5)
+    chosen, records = pick_by_generation(handle, None, shots, "strategy_qa", cands, GenerationConfig(), default=0)
+    assert [(r["correct"], r["answered"]) for r in records] == [(0, 0), (0, 5)] and chosen == 1
+    fake_generations(monkeypatch, ["1. 1. 1."] * 5 + ["-->\nno END"] * 4 + ["1. 1. 1."])
+    chosen, records = pick_by_generation(handle, None, shots, "strategy_qa", cands, GenerationConfig(), default=0)
+    assert [(r["correct"], r["answered"]) for r in records] == [(0, 0), (0, 4)] and chosen == 0
 
 
 def test_pick_by_generation_keeps_the_student_on_a_tie(student):

@@ -52,9 +52,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-len", type=int, default=512, help="maximum tokens per example, prompt + output (default: 512)")
     p.add_argument("--finalists", type=int, default=4,
                    help="check by generation: the best N distinct candidates of the search (the result for gradient "
-                   "and uniform) and w = 0 (the frozen student) each answer the shots greedily; the one with the most "
-                   "correct answers is kept (ties: more answers, then lower objective). 0: the shots loss alone "
-                   "decides (default: 4)")
+                   "and uniform), the prior (a seen --target's own expert, else w = 0) and w = 0 each answer the "
+                   "shots greedily; the prior is kept unless the shots are evidence that another answers more of "
+                   "them correctly (a one-sided sign test at level 0.05 over the shots the two answer differently: "
+                   "with 5 shots, 5 to 0). 0: the shots loss alone decides (default: 4)")
     p.add_argument("--no-probe", action="store_true",
                    help="search: start at w = 0 as the paper does, without first evaluating each expert alone (by "
                    "default the search starts from the best of w = 0 and the single experts, E extra forward passes)")
