@@ -580,6 +580,37 @@ def test_loop_caps_a_request_timeout_and_refuses_oversized_requests(student_dir,
 # ------------------------------------------------------------------------------------ the benchmark
 
 
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_merged_adapter_loop_merges_the_update_the_kernel_adds(student_dir, mode):
+    """The merged-adapter baseline's weights give the logits of the injected experts under the same
+    gate row (float32), for an expert and a mixture, and switching back restores the student."""
+    from modecotd_engine.bench.common import random_bank
+    from modecotd_engine.bench.serve import MergedAdapterLoop
+    from modecotd_engine.engine.generate import GenerationConfig
+    from modecotd_engine.engine.inject import inject_experts
+    from modecotd_engine.engine.selection import Selection
+    from modecotd_engine.engine.student import load_student
+
+    injected = load_student(str(student_dir), dtype="float32", device="cpu")
+    plain = load_student(str(student_dir), dtype="float32", device="cpu")
+    bank = random_bank(injected.model, ["a", "b", "c"])
+    handle = inject_experts(injected.model, bank, mode=mode)
+    loop = MergedAdapterLoop(plain.model, plain.tokenizer, bank, GenerationConfig())
+    ids = torch.randint(0, plain.model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = plain.model(ids).logits
+        for gate in (torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.6, 0.0, -0.4])):
+            loop._switch(Selection(gate, mode, "x"))
+            handle.set_gates(gate.expand(2, 3))
+            want = injected.model(ids).logits
+            got = plain.model(ids).logits
+            assert (want - base).abs().max() > 1e-3  # the experts change the logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        loop._switch(Selection(torch.zeros(3), mode, "base"))
+        torch.testing.assert_close(plain.model(ids).logits, base, rtol=0, atol=0)
+    assert loop.merges == 3 and loop.group_of(Selection(torch.zeros(3), mode, "base")) == ("merged", None, ())
+
+
 def test_arrival_times_are_poisson():
     from modecotd_engine.bench.serve import arrival_times
 
@@ -597,6 +628,10 @@ def test_serve_bench_smoke(student_dir, tmp_path):
     rep = run_serve_bench(tmp_path / "bench", student=str(student_dir), requests=8, rate=100.0, new_tokens=6,
                           batch_size=4, experts=3, device="cpu", dtype="float32", threads=1)
     assert rep["greedy_text_agreement"] == 1.0 and rep["workload"]["mixtures"] == 4 and len(rep["rounds"]) == 2
+    assert len(rep["providers"]) == 3 and rep["server_vs_merged"] > 0
+    # 8 requests over 6 adapters (3 experts, 3 two-expert mixtures): each merged at least once a round
+    assert all(r["merges"] >= 6 for r in rep["rounds"])
+    assert rep["providers"]["merged-adapter server (Poisson arrivals)"]["tokens"] == 8 * 6
     for p in rep["providers"].values():
         assert p["tokens"] == 8 * 6 and p["tokens_per_s"] > 0 and p["ttft_p50_ms"] is not None
     assert rep["providers"]["server (Poisson arrivals)"]["tpot_p99_ms"] > 0

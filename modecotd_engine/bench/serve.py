@@ -13,6 +13,11 @@ Providers, one after the other on the same student and experts:
   requests at Poisson arrival times (seeded) over loopback, streaming, and records when each request
   was sent, when its first text event came (TTFT), when its last came and how many tokens it got
   (time per output token after the first, TPOT).
+* ``merged server``: the same app, client and arrivals, over a loop that serves one adapter at a time
+  merged into the student's weights (:class:`MergedAdapterLoop`), as servers without per-row
+  adapters do: requests of the merged adapter (an expert or a mixture) join the batch, any other
+  waits until the batch is empty and its own update is merged in. It runs on a second copy of the
+  student without injected experts, so its forward is the plain student's.
 
 Figures: generated tokens/s (first request sent to last finished), TTFT and TPOT p50/p99, the
 server/offline throughput ratio, and whether the greedy texts of both agree; each a median over rounds
@@ -32,6 +37,10 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import torch
+
+from ..engine.serve_loop import ServeLoop
 
 MIX_WEIGHTS = (0.6, 0.4)
 
@@ -193,17 +202,65 @@ def _server_round(port: int, bodies: list[dict], arrivals: list[float]) -> tuple
     return server_figures(records), [r["text"] for r in records]
 
 
+class MergedAdapterLoop(ServeLoop):
+    """``serve``'s loop on a student without injected experts that merges one adapter at a time.
+
+    A request's group is its composition mode and gate row: requests of the merged adapter join the
+    running batch; another adapter waits until the batch is empty, then :meth:`_switch` sets every
+    target weight to the original plus that adapter's update, computed in float32 and rounded once to
+    the student's dtype (no drift from merging and unmerging): ``scale * sum_e w_e B_e A_e`` (output
+    composition) or ``scale * (sum_e w_e B_e)(sum_e w_e A_e)`` (weight composition). ``merges`` and
+    ``merge_s`` count the switches and their time.
+    """
+
+    def __init__(self, model, tokenizer, bank, config, serve=None):
+        super().__init__(model, tokenizer, None, config, serve)
+        self.bank = bank
+        self.targets = {name: model.get_submodule(name) for name in bank.modules}
+        self.original = {name: m.weight.detach().float().clone() for name, m in self.targets.items()}
+        self.merges, self.merge_s = 0, 0.0
+
+    def group_of(self, selection) -> tuple:
+        gate = () if selection.gate is None or not selection.gate.any() else tuple(float(x) for x in selection.gate)
+        return ("merged", selection.mode if gate else None, gate)
+
+    @torch.no_grad()
+    def _switch(self, selection) -> None:
+        if selection.router is not None:
+            raise ValueError("a router mixture cannot be merged into the weights")
+        t0 = time.perf_counter()
+        self._group = None  # unknown until the switch is complete
+        gate = torch.zeros(self.bank.num_experts) if selection.gate is None else selection.gate.float().cpu()
+        for name, lin in self.targets.items():
+            a, b = self.bank.lora_a[name].detach().float().cpu(), self.bank.lora_b[name].detach().float().cpu()
+            if selection.mode == "weight":
+                delta = torch.einsum("e,enr->nr", gate, b) @ torch.einsum("e,erk->rk", gate, a)
+            else:
+                delta = torch.einsum("e,enr,erk->nk", gate, b, a)
+            merged = self.original[name] + self.bank.scale * delta
+            lin.weight.copy_(merged.to(device=lin.weight.device, dtype=lin.weight.dtype))
+        self._group = self.group_of(selection)
+        self.merges += 1
+        self.merge_s += time.perf_counter() - t0
+
+
 @contextlib.contextmanager
-def _serving(st, handle, bank, bank_dir: str | None, config, max_queue: int):
-    """``serve``'s loop and app under uvicorn in a thread, on a free loopback port (yielded)."""
+def _serving(st, handle, bank, bank_dir: str | None, config, max_queue: int, merged: bool = False):
+    """``serve``'s loop and app under uvicorn in a thread, on a free loopback port (yielded with the
+    loop). ``merged``: the loop is a :class:`MergedAdapterLoop` on ``st`` (a student without
+    injected experts; ``handle`` unused)."""
     import socket
 
     import uvicorn
 
     from ..engine.serve_api import ModelTable, Server, build_app
-    from ..engine.serve_loop import ServeConfig, ServeLoop
+    from ..engine.serve_loop import ServeConfig
 
-    loop = ServeLoop(st.model, st.tokenizer, handle, config, ServeConfig(max_queue=max_queue))
+    serve_config = ServeConfig(max_queue=max_queue)
+    if merged:
+        loop = MergedAdapterLoop(st.model, st.tokenizer, bank, config, serve_config)
+    else:
+        loop = ServeLoop(st.model, st.tokenizer, handle, config, serve_config)
     server = Server(loop, ModelTable(bank, bank_dir), st.tokenizer, config, root=st.path.name)
     loop.start()
     sock = socket.socket()
@@ -217,7 +274,7 @@ def _serving(st, handle, bank, bank_dir: str | None, config, max_queue: int):
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not start within 60 s")
             time.sleep(0.01)
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], loop
     finally:
         uv.should_exit = True
         web.join(60)
@@ -237,7 +294,7 @@ def _medians(rounds: list[dict]) -> dict:
 def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | None = None, requests: int = 64,
                     rate: float = 8.0, new_tokens: int = 64, batch_size: int = 32, experts: int = 10,
                     device: str | None = None, dtype: str = "auto", threads: int | None = None, seed: int = 0,
-                    repeats: int = 2) -> dict:
+                    repeats: int = 2, merged: bool = True) -> dict:
     """Run the offline loop and the server on the same requests; write ``serve.json`` and ``serve.md``.
 
     Args:
@@ -253,11 +310,11 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
         dtype: student dtype (auto: as ``serve``).
         threads: torch CPU threads (default: torch's setting).
         seed: seed of the arrival times.
-        repeats: rounds; each runs both providers, in alternating order (a shared machine's load
+        repeats: rounds; each runs every provider, in rotating order (a shared machine's load
             drifts); figures are medians over the rounds.
+        merged: also run the merged-adapter server (:class:`MergedAdapterLoop`, on a second copy of
+            the student).
     """
-    import torch
-
     from ..engine.atomic import atomic_write_text
     from ..engine.experts import ExpertBank
     from ..engine.generate import GenerationConfig, generate_detailed
@@ -279,21 +336,37 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
                "stream_options": {"include_usage": True}} for m, p in zip(models, prompts)]
     arrivals = arrival_times(requests, rate, seed)
     offline_name, server_name = "offline engine loop (all at once)", "server (Poisson arrivals)"
+    merged_name = "merged-adapter server (Poisson arrivals)"
+    names = [offline_name, server_name] + ([merged_name] if merged else [])
     rounds: list[dict] = []
-    with _serving(st, handle, b, bank, config, max_queue=max(requests, 1)) as port:
-        # warm-up, outside the figures: a short offline run and one request through the whole stack
+    with contextlib.ExitStack() as stack:
+        port, _ = stack.enter_context(_serving(st, handle, b, bank, config, max_queue=max(requests, 1)))
+        if merged:
+            plain = load_student(student, dtype=dtype, device=device)  # no experts injected: the merged weights
+            merged_port, merged_loop = stack.enter_context(
+                _serving(plain, None, b, bank, config, max_queue=max(requests, 1), merged=True))
+        # warm-up, outside the figures: a short offline run and one request through each server
         generate_detailed(st.model, st.tokenizer, prompts[:2], handle=handle, gates=gates[:2], config=config)
         run_clients(port, bodies[:1], [0.0])
+        if merged:
+            run_clients(merged_port, bodies[:1], [0.0])
         for k in range(repeats):
-            figures, texts = {}, {}
-            for name in (offline_name, server_name) if k % 2 == 0 else (server_name, offline_name):
+            figures, texts, extra = {}, {}, {}
+            for name in names[k % len(names):] + names[:k % len(names)]:
                 if name == offline_name:
                     figures[name], texts[name] = _offline_round(st, handle, prompts, gates, config)
-                else:
+                elif name == server_name:
                     figures[name], texts[name] = _server_round(port, bodies, arrivals)
-            agree = sum(a == o for a, o in zip(texts[server_name], texts[offline_name])) / requests
-            rounds.append({"figures": figures, "agreement": round(agree, 3),
-                           "ratio": figures[server_name]["tokens_per_s"] / figures[offline_name]["tokens_per_s"]})
+                else:
+                    merges, merge_s = merged_loop.merges, merged_loop.merge_s
+                    figures[name], texts[name] = _server_round(merged_port, bodies, arrivals)
+                    extra = {"merges": merged_loop.merges - merges, "merge_s": round(merged_loop.merge_s - merge_s, 2)}
+            agree = {name: round(sum(a == o for a, o in zip(texts[name], texts[offline_name])) / requests, 3)
+                     for name in names[1:]}
+            rounds.append({"figures": figures, "agreement": agree, **extra,
+                           "ratio": figures[server_name]["tokens_per_s"] / figures[offline_name]["tokens_per_s"],
+                           **({"ratio_merged": figures[server_name]["tokens_per_s"]
+                               / figures[merged_name]["tokens_per_s"]} if merged else {})})
 
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(st.device),
               **versions("fastapi", "uvicorn"), "load_average": load_average(), "student": str(st.path),
@@ -301,9 +374,14 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
               "workload": {"requests": requests, "rate_per_s": rate, "new_tokens": new_tokens, "batch_size": batch_size,
                            "experts": len(b.names), "mixtures": sum("," in m for m in models), "seed": seed,
                            "offered_tokens_per_s": round(rate * new_tokens, 1), "repeats": repeats},
-              "providers": {name: _medians([r["figures"][name] for r in rounds]) for name in (offline_name, server_name)},
+              "providers": {name: _medians([r["figures"][name] for r in rounds]) for name in names},
               "server_vs_offline": round(_quantile([r["ratio"] for r in rounds], 0.5), 2),
-              "greedy_text_agreement": min(r["agreement"] for r in rounds), "rounds": rounds}
+              "greedy_text_agreement": min(r["agreement"][server_name] for r in rounds), "rounds": rounds}
+    if merged:
+        report.update(server_vs_merged=round(_quantile([r["ratio_merged"] for r in rounds], 0.5), 2),
+                      merged_text_agreement=min(r["agreement"][merged_name] for r in rounds),
+                      merges=_quantile([r["merges"] for r in rounds], 0.5),
+                      merge_s=_quantile([r["merge_s"] for r in rounds], 0.5))
     lines = _markdown(report, st.path.name)
     out_dir = Path(out_dir)
     atomic_write_text(out_dir / "serve.json", json.dumps(report, indent=2) + "\n")
@@ -335,6 +413,14 @@ def _markdown(report: dict, student: str) -> list[str]:
               f"throughput: {report['server_vs_offline']:.2f}x (median of the rounds' ratios); greedy texts agree on "
               f"{100 * report['greedy_text_agreement']:.0f}% of the requests (the worst round).", "",
               "Offline TTFT is from the call's start (every request is there at once); it has no TPOT per request.",
+              *([] if "server_vs_merged" not in report else [
+                  "", f"The merged-adapter server serves one expert or mixture at a time merged into the weights "
+                  f"(requests of other adapters wait until its batch is empty): {report['merges']:g} merges a round "
+                  f"({report['merge_s']:g} s of merging, medians). Multi-adapter server / merged-adapter server "
+                  f"throughput: {report['server_vs_merged']:.2f}x; its greedy texts agree with the offline loop's on "
+                  f"{100 * report['merged_text_agreement']:.0f}% of the requests (its weights are rounded to "
+                  f"{report['dtype'].removeprefix('torch.')} after merging; the offline loop adds the update "
+                  f"unrounded)."]),
               "", f"Command: `modecotd-engine bench serve --requests {w['requests']} --rate {w['rate_per_s']:g} "
               f"--new-tokens {w['new_tokens']} --batch-size {w['batch_size']} --repeats {w['repeats']} --out DIR`"]
     return lines

@@ -50,8 +50,8 @@ def register(subparsers) -> None:
     e.add_argument("--student", default=None, help="student directory (default: the built-in student)")
     e.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="student dtype (auto: as `eval`: bf16 on CUDA and on CPUs with native bf16)")
-    s = sub.add_parser("serve", help="the HTTP server under Poisson arrivals vs the offline engine loop "
-                       "(tokens/s, TTFT, time per output token)")
+    s = sub.add_parser("serve", help="the HTTP server under Poisson arrivals vs the offline engine loop and a "
+                       "server that merges one adapter at a time (tokens/s, TTFT, time per output token)")
     s.add_argument("--out", default="docs/bench/serve", help="report directory")
     s.add_argument("--student", default=None, help="student directory (default: the built-in student)")
     s.add_argument("--bank", default=None, help="expert bank (default: --experts random experts over the student)")
@@ -67,7 +67,10 @@ def register(subparsers) -> None:
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrival times (default 0)")
     s.add_argument("--repeats", type=int, default=2,
-                   help="rounds; each runs both providers, in alternating order; figures are medians (default 2)")
+                   help="rounds; each runs every provider, in rotating order; figures are medians (default 2)")
+    s.add_argument("--no-merged", action="store_true",
+                   help="leave out the merged-adapter server (one expert or mixture at a time merged into a second "
+                   "copy of the student's weights; other adapters wait until its batch is empty)")
     p.set_defaults(func=run)
 
 
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
         run_serve_bench(out, student=args.student, bank=args.bank, requests=args.requests, rate=args.rate,
                         new_tokens=args.new_tokens, batch_size=args.batch_size, experts=args.experts,
-                        device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats)
+                        device=args.device, dtype=args.dtype, threads=args.threads, seed=args.seed, repeats=args.repeats,
+                        merged=not args.no_merged)
     print(f"report written under {out}")
     return 0

@@ -389,21 +389,28 @@ class ServeLoop:
             if not self._waiting:
                 return taken
             head = self._waiting[0]
-            if not self.decoder.running and head.request.selection.group != self._group:
+            if not self.decoder.running and self.group_of(head.request.selection) != self._group:
                 try:
                     self._switch(head.request.selection)
                 except Exception as exc:  # noqa: BLE001 - e.g. a router file gone since the start
-                    log.exception("request %d: cannot switch the model to %s", head.id, head.request.selection.group)
+                    log.exception("request %d: cannot switch the model to %s", head.id,
+                                  self.group_of(head.request.selection))
                     self._waiting.popleft()
                     self._fail([head], "error", f"the server cannot serve this model now: {exc}")
                     return taken
             while self._waiting:
                 ticket = self._waiting[0]
-                if ticket.request.selection.group != self._group or not self.decoder.can_join(rows + ticket.request.n):
+                if (self.group_of(ticket.request.selection) != self._group
+                        or not self.decoder.can_join(rows + ticket.request.n)):
                     break
                 taken.append(self._waiting.popleft())
                 rows += ticket.request.n
         return taken
+
+    def group_of(self, selection: Selection) -> tuple:
+        """The batch group of a request: requests of one group decode together; another group waits
+        until the batch is empty and :meth:`_switch` has set the model up for it."""
+        return selection.group
 
     def _switch(self, selection: Selection) -> None:
         """Set the model-wide composition mode and router of ``selection``'s group (batch is empty)."""
