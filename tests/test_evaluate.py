@@ -39,8 +39,8 @@ class Scripted:
         self.calls = []
 
     def __call__(self, model, tokenizer, prompts, *, handle=None, gates=None, config=None, stream=None,
-                 progress=False):
-        self.calls.append({"prompts": list(prompts), "gates": gates})
+                 progress=False, modes=None):
+        self.calls.append({"prompts": list(prompts), "gates": gates, "modes": modes})
         texts = [self.texts[p] for p in prompts]
         n = len(texts)
         return GenerationResult(texts, [len(t) for t in texts], ["stop"] * n, [0.0] * n, 0.0)
@@ -102,6 +102,13 @@ def test_evaluate_many_serves_every_task_in_one_call(monkeypatch, base_model):
     assert g.shape == (4, 3)
     torch.testing.assert_close(g, torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0.5, 0, 0.5], [0.0, 0, 0]]))
     assert [r.correct for r in res.values()] == [1, 1, 1] and list(res) == list(tasks)
+    assert fake.calls[0]["modes"] is None
+    # tasks of both compositions: still one call, each row with its task's mode (the handle's by default)
+    ev.evaluate_many(None, None, tasks, handle=handle, gates={"word_math": bank.weights_vector("word_math")},
+                     modes={"coin_flips": "weight"})
+    assert len(fake.calls) == 2 and fake.calls[1]["modes"] == ["output", "output", "weight", "output"]
+    with pytest.raises(GenerationError, match="not evaluated"):
+        ev.evaluate_many(None, None, tasks, handle=handle, gates={"word_math": torch.ones(3)}, modes={"nope": "weight"})
     with pytest.raises(GenerationError, match="not evaluated"):
         ev.evaluate_many(None, None, tasks, handle=handle, gates={"nope": torch.zeros(3)})
     with pytest.raises(GenerationError, match="without a MixtureHandle"):

@@ -195,6 +195,64 @@ def test_mixed_per_sequence_gates_match_merged_models(base_model, model, mode):
     torch.testing.assert_close(got, torch.cat(wants), rtol=1e-4, atol=1e-4)
 
 
+def test_rows_of_both_modes_in_one_batch_match_merged_models(base_model, model):
+    """Per-row composition: four sequences, weight and output rows interleaved, in one forward equal
+    four separately merged students (each mixture merged in its own mode)."""
+    bank = random_bank(model)
+    mixes = [{"add": 0.7, "coins": 0.3}, {"letters": -1.2, "add": 2.0}, {"coins": 1.0}, {"add": 0.5, "letters": 0.5}]
+    modes = ["weight", "output", "output", "weight"]
+    wants = [merged_copy(base_model, bank, mx, m)(input_ids(1, 9, seed=i)).logits
+             for i, (mx, m) in enumerate(zip(mixes, modes))]
+    handle = inject_experts(model, bank, mode="output")
+    handle.set_gates(torch.stack([bank.weights_vector(mx) for mx in mixes]), modes)
+    assert handle.state.split()[0] is None  # two sub-batches
+    ids = torch.cat([input_ids(1, 9, seed=i) for i in range(4)])
+    torch.testing.assert_close(model(ids).logits, torch.cat(wants), rtol=1e-4, atol=1e-4)
+    # one mode named for every row: that mode, whatever the handle's
+    handle.set_gates(torch.stack([bank.weights_vector(mx) for mx in mixes[:1] * 2]), ["weight", "weight"])
+    assert handle.state.split() == ("weight", None)
+    torch.testing.assert_close(model(ids[:2]).logits[:1], wants[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="row modes for"):
+        handle.set_gates(torch.ones(2, 3), ["weight"])
+    with pytest.raises(ValueError, match="unknown composition"):
+        handle.set_gates(torch.ones(2, 3), ["weight", "sum"])
+    handle.set_gates(torch.ones(2, 3))
+    assert handle.state.row_modes is None  # gates without modes: the handle's mode again
+
+
+def test_rows_of_both_modes_gradients_match_the_per_row_reference():
+    """MixtureLinear with per-row modes in float64 against a plain per-row formula: the output and the
+    gradients of x, the gates, A and B."""
+    from modecotd_engine.engine.inject import GateState
+
+    torch.manual_seed(0)
+    e, r, k, n, b, l = 3, 4, 16, 12, 4, 5
+    base = torch.nn.Linear(k, n, dtype=torch.float64)
+    a = torch.nn.Parameter(torch.randn(e, r, k, dtype=torch.float64))
+    bb = torch.nn.Parameter(torch.randn(e, n, r, dtype=torch.float64))
+    state = GateState(mode="output", backend="torch")
+    layer = MixtureLinear(base, a, bb, 0.5, state)
+    x = torch.randn(b, l, k, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(b, e, dtype=torch.float64, requires_grad=True)
+    modes = ["weight", "output", "weight", "output"]
+    state.gates, state.row_modes = g, modes
+    got = layer(x)
+    wants = []
+    for i, m in enumerate(modes):
+        if m == "weight":
+            delta = torch.einsum("e,enr->nr", g[i], bb) @ torch.einsum("e,erk->rk", g[i], a)
+        else:
+            delta = torch.einsum("e,enr,erk->nk", g[i], bb, a)
+        wants.append(base(x[i]) + 0.5 * x[i] @ delta.T)
+    want = torch.stack(wants)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    up = torch.randn_like(want)
+    grads = torch.autograd.grad((got * up).sum(), [x, g, a, bb])
+    refs = torch.autograd.grad((want * up).sum(), [x, g, a, bb])
+    for name, gg, rr in zip(["x", "gates", "A", "B"], grads, refs):
+        torch.testing.assert_close(gg, rr, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
+
+
 def test_per_token_gates_and_shape_errors(model):
     bank = random_bank(model)
     handle = inject_experts(model, bank)

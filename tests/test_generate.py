@@ -126,6 +126,28 @@ def test_mixed_batch_equals_one_at_a_time(injected, tokenizer, mode):
     assert split == alone
 
 
+def test_rows_of_both_modes_decode_together_and_compute_what_they_compute_alone(injected, tokenizer):
+    """Per-row composition: requests in weight and output mode in one call get the texts each mode
+    gives them in a call of its own, in the batches of a single call."""
+    model, handle = injected
+    modes = ["weight", "output", "weight", "output"]
+    alone = {}
+    for m in ("output", "weight"):
+        handle.set_mode(m)
+        alone[m] = generate(model, tokenizer, PROMPTS, handle=handle, gates=GATES, config=NO_STOP)
+    assert alone["output"][2] != alone["weight"][2]  # row 2's mixture composes differently by mode
+    handle.set_mode("output")
+    res = generate_detailed(model, tokenizer, PROMPTS, handle=handle, gates=GATES, config=NO_STOP, modes=modes)
+    assert res.texts == [alone[m][i] for i, m in enumerate(modes)]
+    assert res.forward_calls <= generate_detailed(model, tokenizer, PROMPTS, handle=handle, gates=GATES,
+                                                  config=NO_STOP).forward_calls  # one batch, not one per mode
+    assert handle.state.mode == "output" and handle.state.row_modes is None  # the handle as it was
+    with pytest.raises(GenerationError, match="one mode per prompt"):
+        generate(model, tokenizer, PROMPTS, handle=handle, gates=GATES, config=NO_STOP, modes=modes[:2])
+    with pytest.raises(GenerationError, match="unknown composition"):
+        generate(model, tokenizer, PROMPTS, handle=handle, gates=GATES, config=NO_STOP, modes=["sum"] * 4)
+
+
 def test_left_padding_does_not_change_results(injected, base_model, tokenizer, monkeypatch):
     short = "Hi"
     alone = generate(base_model, tokenizer, [short], config=NO_STOP)[0]

@@ -153,7 +153,8 @@ def run(args) -> int:
     else:
         seen = {t for t in data if t in bank.names} if bank is not None else None
 
-    # One shared mixed-batch evaluation per (mode, router) group: those are model-wide settings.
+    # One shared mixed-batch evaluation for every gated selection (each row with its own mode), and
+    # one per router mixture (a router is model-wide).
     groups: dict[tuple, list[str]] = {}
     for t, s in selections.items():
         groups.setdefault(s.group, []).append(t)
@@ -161,19 +162,19 @@ def run(args) -> int:
     results = {}
     for (mode, _router), names in groups.items():
         sel0 = selections[names[0]]
-        if handle is not None:
+        if handle is not None and sel0.router is not None:
             handle.set_mode(mode)
-            if sel0.router is not None:
-                handle.attach_router(load_router_state(sel0.router), top_k=sel0.router.top_k)
+            handle.attach_router(load_router_state(sel0.router), top_k=sel0.router.top_k)
         try:
-            gates = None
+            gates = modes = None
             if handle is not None and sel0.router is None:
                 gates = {t: selections[t].gate for t in names}
+                modes = {t: selections[t].mode for t in names}
             types = {t: args.task_type for t in names} if args.task_type else None
             results.update(evaluate_many(student.model, student.tokenizer, {t: data[t] for t in names},
                                          task_types=types, handle=handle, gates=gates, config=config,
                                          compat_substring=args.compat_substring, samples=args.samples,
-                                         progress=not args.no_progress and sys.stderr.isatty()))
+                                         progress=not args.no_progress and sys.stderr.isatty(), modes=modes))
         finally:
             if handle is not None and sel0.router is not None:
                 handle.detach_router()

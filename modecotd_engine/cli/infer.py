@@ -1,9 +1,9 @@
 """`modecotd-engine infer`: generate with experts or mixtures; every request may name its own.
 
 One prompt (``--prompt`` or stdin) streams its continuation to stdout. A request file (``--input``,
-JSON lines) is served in shared batches where each request carries its own experts or mixture;
-requests whose mixtures use different compositions (output / weight) or a router are served in
-separate groups, since those are model-wide settings.
+JSON lines) is served in shared batches where each request carries its own experts or mixture and
+composition (output / weight); router mixtures are served in groups of their own, since a router is
+a setting of the whole model.
 """
 
 from __future__ import annotations
@@ -207,7 +207,8 @@ def load_model(args, *, need_bank: bool):
 
 def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selection], config: GenerationConfig,
           *, stream=None, progress: bool = False) -> dict:
-    """Generate for every request: one mixed batch stream per (mode, router) group.
+    """Generate for every request: one mixed batch stream for every gated selection (each row with
+    its own composition mode), one per router mixture.
 
     Returns:
         ``{"texts", "num_tokens", "finish_reasons", "seconds", "groups"}`` in request order.
@@ -221,17 +222,18 @@ def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selecti
         groups.setdefault(s.group, []).append(i)
     t0 = time.perf_counter()
     for (mode, _router), idx in groups.items():
-        gates = None
+        gates = modes = None
         sel0 = selections[idx[0]]
         if handle is not None:
-            handle.set_mode(mode)
             if sel0.router is None:
                 gates = torch.stack([selections[i].gate for i in idx])  # (n_group, E)
+                modes = [selections[i].mode for i in idx]
             else:
+                handle.set_mode(mode)
                 handle.attach_router(load_router_state(sel0.router), top_k=sel0.router.top_k)
         try:
             res = generate_detailed(model, tokenizer, [prompts[i] for i in idx], handle=handle, gates=gates,
-                                    config=config, stream=stream, progress=progress)
+                                    config=config, stream=stream, progress=progress, modes=modes)
         finally:
             if handle is not None and sel0.router is not None:
                 handle.detach_router()

@@ -219,7 +219,7 @@ def _last_position_logits(model, input_ids, mask, positions, cache) -> torch.Ten
     return model.get_output_embeddings()(hidden[:, -1].contiguous())
 
 
-def _prefill(model, prompts: list[list[int]], g, handle, pad, device):
+def _prefill(model, prompts: list[list[int]], g, handle, pad, device, modes=None):
     """Run the prompts of one batch (sorted by decreasing length) into a KV cache.
 
     Prompts of similar length are prefilled together (``_prefill_chunks``), each run padded only to
@@ -247,7 +247,8 @@ def _prefill(model, prompts: list[list[int]], g, handle, pad, device):
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # padding gets position 0; it is masked anyway
         if handle is not None:
-            handle.set_gates(None if g is None else g[lo:hi])  # None or all-zero rows: the frozen student
+            # None or all-zero rows: the frozen student
+            handle.set_gates(None if g is None else g[lo:hi], None if modes is None else modes[lo:hi])
         cache = DynamicCache(config=model.config)
         logits.append(_last_position_logits(model, input_ids, mask, positions, cache))
         caches.append(cache)
@@ -315,6 +316,7 @@ class _Running:
     logits: torch.Tensor  # (b, V) logits of each row's next token
     g: torch.Tensor | None  # (b, E) gate rows
     seen: torch.Tensor | None  # (b, V) tokens each row generated (repetition penalty)
+    modes: list[str] | None = None  # each row's composition (with gate rows)
 
 
 def _pad_left(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -335,7 +337,7 @@ def _merge(a: _Running, b: _Running) -> _Running:
     cat = lambda x, y: None if x is None else torch.cat([x, y])  # noqa: E731
     return _Running(a.rows + b.rows, a.cache, torch.cat([_pad_left(a.mask, width, 1), _pad_left(b.mask, width, 1)]),
                     torch.cat([a.last_pos, b.last_pos]), torch.cat([a.logits, b.logits]), cat(a.g, b.g),
-                    cat(a.seen, b.seen))
+                    cat(a.seen, b.seen), None if a.modes is None else a.modes + b.modes)
 
 
 def _keep(run: _Running, keep: list[int]) -> _Running:
@@ -351,7 +353,7 @@ def _keep(run: _Running, keep: list[int]) -> _Running:
         mask = mask[:, cut:]
     pick = lambda x: None if x is None else x[sel]  # noqa: E731
     return _Running([run.rows[j] for j in keep], run.cache, mask, run.last_pos[sel], run.logits[sel],
-                    pick(run.g), pick(run.seen))
+                    pick(run.g), pick(run.seen), None if run.modes is None else [run.modes[j] for j in keep])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,6 +371,8 @@ class DecodeRow:
         stops: stop strings; the text up to and including the first one is the result.
         sampler: how the row picks its tokens (rows of one request share one).
         stream: report the row's text as it grows (``DecodeSink.text``).
+        mode: composition of the row's experts, "output" or "weight"; None: the handle's mode when
+            the row is admitted. Rows of both modes decode in the same batch.
     """
 
     ids: list[int]
@@ -377,6 +381,7 @@ class DecodeRow:
     stops: tuple[str, ...]
     sampler: Sampler
     stream: bool = False
+    mode: str | None = None
 
 
 class DecodeSink(Protocol):
@@ -474,12 +479,14 @@ class Decoder:
     def admit(self, rows: list[int]) -> None:
         """Prefill ``rows`` (longest prompt first) and add them to the running batch."""
         rows = sorted(rows, key=lambda r: -len(self.rows[r].ids))
-        g = None
+        g = modes = None
         if self.handle is not None and self.rows[rows[0]].gate is not None:
             g = torch.stack([self.rows[r].gate for r in rows]).to(self.device)  # (b, E)
-        # Requests with the same prompt and gate (n samples of one question) share one prefill: the
-        # distinct ones run, then their cache rows, logits and positions are repeated per request.
-        keys = [(tuple(self.rows[r].ids), None if g is None else tuple(g[j].tolist())) for j, r in enumerate(rows)]
+            modes = [self.rows[r].mode or self.handle.state.mode for r in rows]
+        # Requests with the same prompt, gate and mode (n samples of one question) share one prefill:
+        # the distinct ones run, then their cache rows, logits and positions are repeated per request.
+        keys = [(tuple(self.rows[r].ids), None if g is None else (tuple(g[j].tolist()), modes[j]))
+                for j, r in enumerate(rows)]
         first = {}
         for j, k in enumerate(keys):
             first.setdefault(k, j)
@@ -487,13 +494,14 @@ class Decoder:
         where = {k: distinct.index(j) for k, j in first.items()}
         cache, logits, mask, last_pos, calls = _prefill(self.model, [self.rows[rows[j]].ids for j in distinct],
                                                         None if g is None else g[distinct], self.handle, self.pad,
-                                                        self.device)
+                                                        self.device, None if modes is None else
+                                                        [modes[j] for j in distinct])
         if len(distinct) < len(rows):
             idx = torch.tensor([where[k] for k in keys], device=self.device)
             cache.reorder_cache(idx)  # index_select on the batch axis: repeated rows are copies
             logits, mask, last_pos = logits[idx], mask[idx], last_pos[idx]
         seen = torch.zeros(logits.shape, dtype=torch.bool, device=self.device) if self.penalty > 1.0 else None
-        new = _Running(list(rows), cache, mask, last_pos, logits, g, seen)
+        new = _Running(list(rows), cache, mask, last_pos, logits, g, seen, modes)
         for r in rows:
             self.tokens[r] = []
         self.forward_calls += calls
@@ -586,7 +594,7 @@ class Decoder:
         """Feed every row its token; ``batch.logits`` becomes the logits of the token after it."""
         run = self.batch
         if self.handle is not None:
-            self.handle.set_gates(run.g)
+            self.handle.set_gates(run.g, run.modes)
         run.mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], dim=1)
         run.last_pos = run.last_pos + 1
         out = self.model(input_ids=nxt[:, None], attention_mask=run.mask, position_ids=run.last_pos[:, None],

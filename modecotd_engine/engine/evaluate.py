@@ -190,6 +190,7 @@ def evaluate_many(
     compat_substring: bool = False,
     progress: bool = False,
     samples: int = 1,
+    modes: Mapping[str, str] | None = None,
 ) -> dict[str, TaskResult]:
     """Evaluate several tasks at once, each with its own gate, in shared mixed batches.
 
@@ -205,6 +206,8 @@ def evaluate_many(
         progress: show a progress bar of finished requests.
         samples: generations per record; > 1 scores the majority answer (self-consistency), and
             needs a sampling ``config`` (temperature > 0).
+        modes: task name -> composition of its gate ("output" / "weight"); a task not in it gets
+            the handle's mode. Tasks of both modes share the batches.
 
     Returns:
         Task name -> TaskResult, in the order of ``tasks``.
@@ -243,8 +246,16 @@ def evaluate_many(
                 raise GenerationError(f"task {task}: gate must be (E={e},), got {tuple(g.shape)}")
             lo, hi = spans[task]
             gate_rows[lo:hi] = g
+    row_modes = None
+    if modes and gate_rows is not None:
+        row_modes = [handle.state.mode] * len(prompts)
+        for task, m in modes.items():
+            if task not in spans:
+                raise GenerationError(f"a mode given for task {task}, which is not evaluated")
+            lo, hi = spans[task]
+            row_modes[lo:hi] = [m] * (hi - lo)
     res = generate_detailed(model, tokenizer, prompts, handle=handle, gates=gate_rows,
-                            config=config or GenerationConfig(), progress=progress)
+                            config=config or GenerationConfig(), progress=progress, modes=row_modes)
     out: dict[str, TaskResult] = {}
     for task, records in tasks.items():
         lo, hi = spans[task]

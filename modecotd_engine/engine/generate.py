@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..kernels import MODES
 from .data import PROMPT_FORMATS, encode_prompt, format_prompt
 from .decoder import (ADMIT_FRACTION, ANSWER_WINDOW, FINISH_REASONS, LOOP_MAX_PERIOD, LOOP_REPEATS,
                       PREFILL_SPLIT_RATIO, DecodeRow, DecodeSink, Decoder, Sampler, answer_complete, is_looping,
@@ -211,6 +212,7 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     stream: Callable[[str], None] | None = None,
     progress: bool = False,
+    modes: Sequence[str] | None = None,
 ) -> list[str]:
     """Generate a continuation for every prompt, each with its own expert gates, in shared batches.
 
@@ -224,12 +226,14 @@ def generate(
         config: decoding settings.
         stream: called with each new piece of text as it is decoded (a single prompt only).
         progress: show a progress bar of finished requests on stderr.
+        modes: each request's composition, "output" or "weight" (None: the handle's mode for all);
+            requests of both decode in the same batches.
 
     Returns:
         The generated continuation per prompt, in prompt order.
     """
     return generate_detailed(model, tokenizer, prompts, handle=handle, gates=gates, config=config,
-                             stream=stream, progress=progress).texts
+                             stream=stream, progress=progress, modes=modes).texts
 
 
 @torch.inference_mode()
@@ -243,6 +247,7 @@ def generate_detailed(
     config: GenerationConfig | None = None,
     stream: Callable[[str], None] | None = None,
     progress: bool = False,
+    modes: Sequence[str] | None = None,
 ) -> GenerationResult:
     """:func:`generate` with token counts, finish reasons and time to first token per request."""
     t0 = time.perf_counter()
@@ -254,6 +259,14 @@ def generate_detailed(
     if stream is not None and n != 1:
         raise GenerationError(f"streaming serves a single prompt, got {n}")
     gates = _check_gates(gates, handle, n)
+    if modes is not None:
+        modes = list(modes)
+        if len(modes) != n or gates is None:
+            raise GenerationError(f"modes need gates and one mode per prompt: {len(modes)} modes for {n} prompts"
+                                  + ("" if gates is not None else ", no gates"))
+        bad = sorted(set(modes) - set(MODES))
+        if bad:
+            raise GenerationError(f"unknown composition mode(s) {bad}; expected {' or '.join(MODES)}")
     if n == 0:
         return GenerationResult([], [], [], [], 0.0)
     context = model_context_length(model)
@@ -275,18 +288,18 @@ def generate_detailed(
     decoder = Decoder(model, tokenizer, handle, config, _ResultSink(result, t0, stream, bar))
     for i in range(n):
         decoder.add(i, DecodeRow(ids[i], budgets[i], None if gates is None else gates[i], config.stop_strings,
-                                 sampler, stream=stream is not None))
+                                 sampler, stream=stream is not None, mode=None if modes is None else modes[i]))
 
     # Longest prompts first: the largest batch (in memory) runs first, so a size problem shows at once.
     order = sorted(range(n), key=lambda i: -len(ids[i]))
     was_training = model.training
     model.eval()
-    previous_gates = handle.state.gates if handle is not None else None
+    previous = (handle.state.gates, handle.state.row_modes) if handle is not None else None
     try:
         decoder.run(order)
     finally:
         if handle is not None:
-            handle.state.gates = previous_gates
+            handle.state.gates, handle.state.row_modes = previous
         model.train(was_training)
         if bar is not None:
             bar.close()

@@ -18,7 +18,7 @@ attached, the layer computes its own per-token gates ``softmax(R x)`` (optionall
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -45,6 +45,9 @@ class GateState:
         gates: (B, E) per sequence, (B, L, E) per token, or None (the frozen student).
         mode: "output" or "weight" composition.
         backend: kernel backend for :func:`lora_mixture`.
+        row_modes: None (every row composes by ``mode``) or the composition of each of the B rows
+            (set with the gates, ``MixtureHandle.set_gates(gates, modes=...)``); rows of the two
+            modes go through the kernel as two sub-batches (:meth:`split`).
     """
 
     def __init__(self, gates: torch.Tensor | None = None, mode: str = "output", backend: str = "auto"):
@@ -60,6 +63,29 @@ class GateState:
     def gates(self, gates: torch.Tensor | None) -> None:
         self._gates = gates
         self._single = _UNSET  # analysed on first use, once for all layers
+        self.row_modes = None
+
+    @property
+    def row_modes(self) -> tuple[str, ...] | None:
+        return self._row_modes
+
+    @row_modes.setter
+    def row_modes(self, modes: Sequence[str] | None) -> None:
+        self._row_modes = None if modes is None else tuple(modes)
+        self._split = _UNSET
+
+    def split(self) -> tuple[str, None] | tuple[None, tuple[torch.Tensor, torch.Tensor]]:
+        """``(mode, None)`` when every row composes alike (the model-wide mode, or the one mode all
+        ``row_modes`` name), else ``(None, (weight rows, output rows))`` as index tensors."""
+        if self._split is _UNSET:
+            modes = self._row_modes
+            if modes is None or len(set(modes)) <= 1:
+                self._split = (modes[0] if modes else self.mode, None)
+            else:
+                device = self._gates.device if self._gates is not None else None
+                rows = {m: torch.tensor([i for i, x in enumerate(modes) if x == m], device=device) for m in MODES}
+                self._split = (None, (rows["weight"], rows["output"]))
+        return self._split
 
     def single_expert(self) -> tuple[int, float] | None:
         """(e, g) when every gate row is the same one-hot row g * e_e and needs no gradient, else None.
@@ -137,13 +163,22 @@ class MixtureLinear(nn.Module):
                 f"gates of shape {tuple(g.shape)} do not fit activations {tuple(x.shape)}: "
                 "give (B, E) per sequence or (B, L, E) per token"
             )
+        mode, rows = self.state.split()
+        if rows is not None:  # rows of both compositions: one sub-batch each, the rows put back in place
+            if x.dim() < 3 or x.shape[0] != len(self.state.row_modes):
+                raise ValueError(f"{len(self.state.row_modes)} row modes do not fit activations {tuple(x.shape)}")
+            out = x.new_empty(*x.shape[:-1], self.out_features)
+            for m, idx in zip(("weight", "output"), rows):
+                out[idx] = lora_mixture(x[idx], self.base.weight, self.base.bias, self.lora_a, self.lora_b, g[idx],
+                                        self.scale, mode=m, backend=self.state.backend)
+            return out
         # One task for the whole batch (distillation): one plain LoRA, the gates read once per batch.
         # Not on CUDA: that read is a device sync, and the Triton kernels skip idle experts per tile.
         if x.device.type != "cuda" and (single := self.state.single_expert()) is not None:
             return lora_single_expert(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, single[0],
-                                      single[1], self.scale, mode=self.state.mode, backend=self.state.backend)
+                                      single[1], self.scale, mode=mode, backend=self.state.backend)
         return lora_mixture(x, self.base.weight, self.base.bias, self.lora_a, self.lora_b, g,
-                            self.scale, mode=self.state.mode, backend=self.state.backend)
+                            self.scale, mode=mode, backend=self.state.backend)
 
     def extra_repr(self) -> str:
         e, r, _ = self.lora_a.shape
@@ -160,34 +195,44 @@ class MixtureHandle:
         self.layers = layers
         self.state = state
 
-    def set_gates(self, gates: torch.Tensor | None) -> None:
-        """Set the gates every wrapped layer uses: (B, E), (B, L, E) or None."""
+    def set_gates(self, gates: torch.Tensor | None, modes: Sequence[str] | None = None) -> None:
+        """Set the gates every wrapped layer uses: (B, E), (B, L, E) or None; ``modes``: the
+        composition of each of the B rows ("output" / "weight"), or None for the handle's mode."""
         if gates is None:
             self.state.gates = None
             return
         e = self.bank.num_experts
         if gates.dim() not in (2, 3) or gates.shape[-1] != e:
             raise ValueError(f"gates must be (B, {e}) or (B, L, {e}), got {tuple(gates.shape)}")
+        if modes is not None:
+            modes = tuple(modes)
+            if len(modes) != gates.shape[0]:
+                raise ValueError(f"{len(modes)} row modes for {gates.shape[0]} gate rows")
+            bad = sorted(set(modes) - set(MODES))
+            if bad:
+                raise ValueError(f"unknown composition mode(s) {bad}; expected {' or '.join(MODES)}")
         if not gates.requires_grad and not bool(gates.any()):
             self.state.gates = None  # all zero: the frozen path, bit-exact
             return
         device = self.bank.lora_a[next(iter(self.bank.modules))].device
         self.state.gates = gates.to(device)
+        self.state.row_modes = modes
 
     @contextmanager
-    def gated(self, gates: torch.Tensor | None) -> Iterator[None]:
-        previous = self.state.gates
-        self.set_gates(gates)
+    def gated(self, gates: torch.Tensor | None, modes: Sequence[str] | None = None) -> Iterator[None]:
+        previous, previous_modes = self.state.gates, self.state.row_modes
+        self.set_gates(gates, modes)
         try:
             yield
         finally:
             self.state.gates = previous
+            self.state.row_modes = previous_modes
 
     @contextmanager
     def restoring(self) -> Iterator[None]:
         """Give the handle back on exit as it was on entry: its mode, its gates and its routers (a
         copy of each, at the same top-k; none if it had none), whatever the body changed."""
-        mode, gates = self.state.mode, self.state.gates
+        mode, gates, row_modes = self.state.mode, self.state.gates, self.state.row_modes
         routers = self.router_state() if self.has_router else None
         top_k = next(iter(self.layers.values())).top_k
         try:
@@ -197,11 +242,13 @@ class MixtureHandle:
             if routers is not None:
                 self.attach_router(routers, top_k=top_k)
             self.state.mode, self.state.gates = mode, gates
+            self.state.row_modes = row_modes
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.state.mode = mode
+        self.state.row_modes = self.state.row_modes  # re-analysed: rows without their own mode follow it
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_a, layer.lora_b)]

@@ -96,8 +96,10 @@ class Selection:
 
     @property
     def group(self) -> tuple:
-        """Requests of one group can decode in one batch: composition mode and router are model-wide."""
-        return (self.mode, str(self.router.router) if self.router is not None else None)
+        """Requests of one group can decode in one batch: ``(None, None)`` for every gate row, in
+        either composition (each row carries its own mode); a router is model-wide, and so is the
+        composition its gates use, so a router mixture is ``(mode, router file)``."""
+        return (None, None) if self.router is None else (self.mode, str(self.router.router))
 
 
 def frozen_selection(bank: ExpertBank | None) -> Selection:

@@ -10,10 +10,11 @@ Requests arrive at any time on a bounded queue (:meth:`ServeLoop.submit`). At ea
 3. picks one token for every running row, reports text and finished rows to each request's
    ``on_event`` callback, and feeds the tokens back (one forward for the whole batch).
 
-Composition mode (output / weight) and an attached router are settings of the whole injected model,
-so the running batch has one *group* (``Selection.group``). A waiting request of another group stops
-admission at its place in the queue: the batch drains, the loop switches the model to that group, and
-admission goes on in arrival order. No request waits behind a later one.
+Every row carries its own gate row and composition mode (output / weight), so experts and mixtures
+of both modes share the running batch. An attached router is a setting of the whole injected model,
+so a router mixture has a *group* of its own (``Selection.group``). A waiting request of another group
+stops admission at its place in the queue: the batch drains, the loop switches the model to that
+group, and admission goes on in arrival order. No request waits behind a later one.
 
 Each step leaves a :class:`StepRecord` (which requests joined, which were running, which finished or
 were dropped; ``ServeLoop.step_records``), so continuous batching can be checked from the records
@@ -173,7 +174,8 @@ class StepRecord:
 
     Attributes:
         step: the step's number, from 0.
-        group: the model's (mode, router) during the step.
+        group: the batch group during the step (``ServeLoop.group_of``): (None, None) for gate rows
+            of either mode, (mode, router file) for a router mixture.
         running: requests with rows in the batch before admission.
         admitted: requests whose rows were prefilled and joined at this step.
         rows: rows in the step's decoding forward (0 when the batch emptied).
@@ -218,7 +220,7 @@ class ServeLoop:
         self._next_ticket = 0
         self._next_row = 0
         self._steps = 0
-        self._group: tuple = (handle.state.mode if handle is not None else "output", None)
+        self._group: tuple = (None, None)  # gate rows of either mode (``Selection.group``)
         self._routers: dict[str, dict[str, torch.Tensor]] = {}
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) per step in the rate window
         self._rate_total = 0  # decoder.generated at the last step
@@ -413,7 +415,8 @@ class ServeLoop:
         return selection.group
 
     def _switch(self, selection: Selection) -> None:
-        """Set the model-wide composition mode and router of ``selection``'s group (batch is empty)."""
+        """Set the router (and the composition its gates use) of ``selection``'s group, or detach any
+        router for gate rows (batch is empty)."""
         from .mixture import load_router_state
 
         self._group = None  # unknown until the switch is complete: a failed one is redone
@@ -443,7 +446,8 @@ class ServeLoop:
             for index in range(req.n):
                 r = self._next_row
                 self._next_row += 1
-                self.decoder.add(r, DecodeRow(req.ids, budget, gate, req.config.stop_strings, sampler, req.stream))
+                self.decoder.add(r, DecodeRow(req.ids, budget, gate, req.config.stop_strings, sampler, req.stream,
+                                              mode=req.selection.mode))
                 self._owner[r] = (ticket, index)
                 ticket.rows.append(r)
                 rows.append(r)
