@@ -564,3 +564,64 @@ def test_repeated_prompts_share_one_prefill(injected, tokenizer):
     alone = [generate(model, tokenizer, [p], handle=handle, gates=gates[i:i + 1], config=NO_STOP)[0]
              for i, p in enumerate(prompts)]
     assert res.texts == alone
+
+
+# ------------------------------------------------------------------------------ the KV cache layer
+
+
+def test_growing_layer_holds_what_concatenation_holds():
+    """GrowingLayer: appends in place (a few buffer growths for 200 steps), reads as the
+    concatenation, and takes assignments (reorder, cuts) as DynamicLayer does."""
+    from transformers.cache_utils import DynamicLayer
+
+    from modecotd_engine.engine.kv_cache import GrowingLayer
+
+    gen = torch.Generator().manual_seed(0)
+    grow, plain = GrowingLayer(), DynamicLayer()
+    buffers = set()
+    for step in range(200):
+        n = 7 if step == 0 else 1  # a prompt, then one token a step
+        k, v = torch.randn(3, 2, n, 4, generator=gen), torch.randn(3, 2, n, 4, generator=gen)
+        gk, gv = grow.update(k, v)
+        pk, pv = plain.update(k, v)
+        assert torch.equal(gk, pk) and torch.equal(gv, pv) and grow.get_seq_length() == plain.get_seq_length()
+        buffers.add(grow.__dict__["_keys"][0].data_ptr())
+    assert len(buffers) <= 10  # grown by half its length at a time, not once per step
+    idx = torch.tensor([2, 0])
+    grow.reorder_cache(idx)
+    plain.reorder_cache(idx)
+    assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values)
+    grow.keys, grow.values = grow.keys[..., 5:, :], grow.values[..., 5:, :]  # the decoder's left cut
+    plain.keys, plain.values = plain.keys[..., 5:, :], plain.values[..., 5:, :]
+    k, v = torch.randn(2, 2, 1, 4, generator=gen), torch.randn(2, 2, 1, 4, generator=gen)
+    assert all(torch.equal(a, b) for a, b in zip(grow.update(k, v), plain.update(k, v)))
+    assert grow.get_seq_length() == plain.get_seq_length() == 7 + 199 - 5 + 1
+
+
+def test_inference_copies_follow_the_bank():
+    """The torch path's cached inference copies of A and B are remade when the bank changes in place
+    (a training step between two generations) and equal a plain cast."""
+    from modecotd_engine.kernels import lora_mixture
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 16, generator=gen).to(torch.bfloat16)
+    w = torch.randn(12, 16, generator=gen).to(torch.bfloat16)
+    a = torch.nn.Parameter(torch.randn(3, 2, 16, generator=gen))
+    b = torch.nn.Parameter(torch.randn(3, 12, 2, generator=gen))
+    g = torch.rand(4, 1, 3, generator=gen)
+
+    def run():
+        with torch.no_grad():
+            got = lora_mixture(x, w, None, a, b, g, 0.5, backend="torch")
+        want = lora_mixture(x, w, None, a.detach().to(torch.bfloat16), b.detach().to(torch.bfloat16), g, 0.5,
+                            backend="torch")
+        return got, want
+
+    got, want = run()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():
+        a.mul_(3.0)  # in place: same storage, new version
+        b.add_(1.0)
+    got2, want2 = run()
+    torch.testing.assert_close(got2, want2, rtol=0, atol=0)
+    assert not torch.equal(got2, got)

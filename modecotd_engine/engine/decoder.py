@@ -197,6 +197,13 @@ def _plain_dynamic_cache(model: nn.Module) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def _new_cache(model: nn.Module):
+    """A DynamicCache for ``model`` whose full-attention layers append in place (``kv_cache``)."""
+    from .kv_cache import growing_cache
+
+    return growing_cache(model.config)
+
+
 def _cache_kwarg(module: nn.Module) -> str:
     """The name ``module.forward`` takes its KV cache by: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` is deprecated, to be removed in 5.40), ``past_key_values`` before."""
@@ -231,8 +238,6 @@ def _prefill(model, prompts: list[list[int]], g, handle, pad, device, modes=None
         ``(cache, logits (b, V) at each prompt's last position, mask (b, L), last positions (b,),
         forward calls made)``.
     """
-    from transformers import DynamicCache
-
     lengths = [len(ids) for ids in prompts]
     width = lengths[0]
     chunks = _prefill_chunks(lengths) if len(prompts) > 1 and _plain_dynamic_cache(model) else [(0, len(prompts))]
@@ -249,7 +254,7 @@ def _prefill(model, prompts: list[list[int]], g, handle, pad, device, modes=None
         if handle is not None:
             # None or all-zero rows: the frozen student
             handle.set_gates(None if g is None else g[lo:hi], None if modes is None else modes[lo:hi])
-        cache = DynamicCache(config=model.config)
+        cache = _new_cache(model)
         logits.append(_last_position_logits(model, input_ids, mask, positions, cache))
         caches.append(cache)
         masks.append(torch.nn.functional.pad(mask, (width - w, 0)))
@@ -257,7 +262,7 @@ def _prefill(model, prompts: list[list[int]], g, handle, pad, device, modes=None
     last_pos = torch.tensor([n - 1 for n in lengths], device=device)
     if len(caches) == 1:
         return caches[0], logits[0], mask, last_pos, 1
-    merged = DynamicCache(config=model.config)
+    merged = _new_cache(model)
     for layer in range(len(caches[0].layers)):
         keys, values = [], []
         for (lo, _hi), c in zip(chunks, caches):
