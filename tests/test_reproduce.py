@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from modecotd_engine.cli.main import main
 
@@ -119,3 +120,60 @@ def test_reproduce_skip_leaves_systems_out(layout, tiny_student_dir, tmp_path, c
     assert " search-weight |" in header and " multitask |" not in header and " search-output |" not in header
     assert main(argv[:-16] + ["--skip", "nope"] + argv[-16:]) == 2
     assert "cannot skip ['nope']" in capsys.readouterr().err
+
+
+def test_reproduce_select_chooses_each_experts_step_on_validation_records(layout, tiny_student_dir, tmp_path, capsys):
+    from modecotd_engine.engine.experts import ExpertBank
+
+    out = tmp_path / "run"
+    argv = ["reproduce", "--data", str(layout), "--out", str(out), "--student", str(tiny_student_dir),
+            "--tasks", "addsub,multiarith", "--prompt-format", "plain", "--no-progress",
+            "--skip", "multitask,search-weight,search-output,uniform",
+            "--set", "steps=4", "--set", "snapshots=2", "--set", "val=3", "--set", "heldout=3",
+            "--set", "eval_limit=2", "--set", "max_new_tokens=4", "--set", "max_len=64", "--set", "batch_size=2"]
+    assert main(argv) == 0
+    assert "[select]" in capsys.readouterr().out
+    # validation records: the 3 before the held-out ones, neither trained nor evaluated on
+    full = json.loads((layout / "train" / "addsub.json").read_text())
+    val = json.loads((out / "data" / "val" / "addsub.json").read_text())
+    train = json.loads((out / "data" / "train" / "addsub.json").read_text())
+    held = json.loads((out / "data" / "eval" / "addsub.json").read_text())
+    assert val == full[-6:-3] and train == full[:-6] and not any(r in held for r in val)
+    assert sorted(p.name for p in (out / "experts" / "snapshots").iterdir()) == ["step-0000002", "step-0000004"]
+    sel = json.loads((out / "experts" / "selection.json").read_text())
+    assert set(sel["chosen"]) == {"addsub", "multiarith"} and set(sel["chosen"].values()) <= {2, 4}
+    for t, step in sel["chosen"].items():  # the chosen step has the best validation accuracy, ties the later
+        accs = {int(k): v for k, v in sel["val_accuracy"][t].items()}
+        assert set(accs) == {2, 4} and accs[step] == max(accs.values())
+        assert step == 4 or accs[2] > accs[4]
+        summ = json.loads((out / "select" / f"step-{step:07d}" / "summary.json").read_text())
+        assert summ["tasks"][t]["n"] == 3 and summ["tasks"][t]["accuracy"] == accs[step]
+    # the later stages evaluate the chosen experts: each one's tensors are those of its step
+    chosen = ExpertBank.load(out / "experts" / "selected")
+    for t, step in sel["chosen"].items():
+        src = ExpertBank.load(out / "experts" / ("bank" if step == 4 else "snapshots/step-0000002"))
+        i = chosen.index(t)
+        for m in chosen.modules:
+            assert torch.equal(chosen.lora_a[m][i], src.lora_a[m][i]) and torch.equal(chosen.lora_b[m][i], src.lora_b[m][i])
+    assert "training step, chosen by accuracy" in (out / "report.md").read_text()
+
+
+def test_compose_bank_takes_each_expert_from_its_bank():
+    from modecotd_engine.engine.experts import ExpertBank
+    from modecotd_engine.engine.reproduce import compose_bank
+
+    def bank(fill):
+        g = torch.Generator().manual_seed(fill)
+        return ExpertBank(names=["a", "b", "c"], rank=2, alpha=4.0, targets=("q",), modules={"m": (5, 3)},
+                          lora_a={"m": torch.randn(3, 2, 5, generator=g)}, lora_b={"m": torch.randn(3, 3, 2, generator=g)})
+
+    banks = {10: bank(1), 20: bank(2), 30: bank(3)}
+    out = compose_bank(banks, {"a": 10, "b": 20})
+    for i, key in enumerate((10, 20, 30)):  # c is not chosen: from the last bank
+        assert torch.equal(out.lora_a["m"][i], banks[key].lora_a["m"][i])
+        assert torch.equal(out.lora_b["m"][i], banks[key].lora_b["m"][i])
+    assert torch.equal(banks[30].lora_a["m"], bank(3).lora_a["m"])  # the inputs are not changed
+    other = bank(4)
+    other.names = ["a", "b", "d"]
+    with pytest.raises(ValueError, match="other experts"):
+        compose_bank({1: banks[10], 2: other}, {"a": 1})

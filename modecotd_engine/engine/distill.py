@@ -83,6 +83,8 @@ class TrainConfig:
     eval_max_new_tokens: int = _opt(64, "generation budget per held-out example, in tokens")
     eval_batch_size: int = _opt(32, "sequences per generation batch")
     save_every: int = _opt(50, "checkpoint every N steps (and at the end)")
+    snapshot_every: int = _opt(0, "also keep the bank every N steps in OUT/snapshots/step-N, never pruned (0: none); "
+                               "for choosing each expert's step on held-out data (reproduce's select stage)")
     seed: int = _opt(0, "seed for data order, initialisation and built-in tasks")
     missing_marker: str = _opt("drop", "what to do with training outputs that lack the '-->' answer marker",
                                choices=MISSING_MARKER_POLICIES)
@@ -110,8 +112,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "rank", "max_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.n_eval < 0:
-            raise ValueError("warmup and n-eval must be >= 0")
+        if self.warmup < 0 or self.n_eval < 0 or self.snapshot_every < 0:
+            raise ValueError("warmup, n-eval and snapshot-every must be >= 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -304,6 +306,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         done = step + 1
         if main and (done % cfg.save_every == 0 or done == cfg.steps):
             _save_checkpoint(ckpt_root, done, cfg, bank, opt)
+        if main and cfg.snapshot_every and done % cfg.snapshot_every == 0:
+            bank.save(snapshot_dir(out, done))  # experts.json is written last: a bank without it is incomplete
         if world > 1:
             dist.barrier()
     bar.close()
@@ -431,6 +435,20 @@ def _before_after_table(before, after) -> str:
 
 
 # ---------------------------------------------------------------------- checkpoints
+def snapshot_dir(out: str | Path, step: int) -> Path:
+    """Where ``--snapshot-every`` keeps the bank of step ``step`` of the run in ``out``."""
+    return Path(out) / "snapshots" / f"step-{step:07d}"
+
+
+def snapshots(out: str | Path) -> dict[int, Path]:
+    """The complete bank snapshots of the run in ``out``, by step."""
+    found = {}
+    for p in sorted((Path(out) / "snapshots").glob("step-*")):
+        if (p / "experts.json").is_file():
+            found[int(p.name.split("-")[1])] = p
+    return found
+
+
 def _save_checkpoint(root: Path, step: int, cfg: TrainConfig, bank: ExpertBank, opt: ExpertAdamW) -> Path:
     """Write checkpoint ``step-N`` atomically (temp dir + rename), then point ``latest`` at it."""
     root.mkdir(parents=True, exist_ok=True)

@@ -9,15 +9,19 @@ The layout (``../shared/data/mode-cotd`` in this project's workspace, or any dir
 
 Stages, each skipped when its files exist (so a killed run continues where it stopped):
 
-1. ``data``: per seen task the last ``heldout`` records of ``train/`` are held out for evaluation;
-   the rest is the training set of its expert, and their union the multi-task baseline's.
+1. ``data``: per seen task the last ``heldout`` records of ``train/`` are held out for evaluation
+   and the ``val`` before them for validation; the rest is the training set of its expert, and their
+   union the multi-task baseline's.
 2. ``base``: the frozen student on every evaluation set (prompt format of the run).
-3. ``experts``: every seen task's expert, trained at once (``distill.train``).
-4. ``multitask``: the paper's baseline, one LoRA of the same rank on the union, same steps.
-5. ``mixtures``: for every task with shots (seen and unseen), a weight search over the bank on its
+3. ``experts``: every seen task's expert, trained at once (``distill.train``), the bank kept at
+   ``snapshots`` evenly spaced steps.
+4. ``select`` (with ``val`` and ``snapshots``): each expert's step chosen by generation on its task's
+   validation records; the bank the later stages use takes every expert from its chosen step.
+5. ``multitask``: the paper's baseline, one LoRA of the same rank on the union, same steps.
+6. ``mixtures``: for every task with shots (seen and unseen), a weight search over the bank on its
    shots (weight and output composition), checked by generation on the shots (w = 0 included).
-6. ``eval``: each system on each evaluation set; predictions kept.
-7. ``report``: ``report.md`` (per-task table, seen/unseen averages, the paper's gains and Fine-tune-CoT's
+7. ``eval``: each system on each evaluation set; predictions kept.
+8. ``report``: ``report.md`` (per-task table, seen/unseen averages, the paper's gains and Fine-tune-CoT's
    250M student beside them, time per stage) and ``report.png``.
 """
 
@@ -27,11 +31,15 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .atomic import atomic_write_text, replacing
 from .data import read_task_dir, read_task_file, task_files_in
+
+if TYPE_CHECKING:
+    from .experts import ExpertBank
 
 # The seen tasks of the cpu profile: the seven with the fewest training records (170-453 each).
 CPU_TASKS = ("addsub", "multiarith", "single_eq", "svamp", "last_letter_concatenation", "date_understanding",
@@ -67,6 +75,11 @@ class Profile:
     budget: int  # candidates of each weight search
     finalists: int  # candidates checked by generation on the shots
     train_cap: int = 0  # training records per seen task, the first ones of train/ (0: all)
+    # Validation records per seen task, held out of train/ just before its evaluation records: with
+    # ``snapshots`` >= 2 each expert's training step is chosen among the snapshots by its accuracy on
+    # them (early stopping per task; the evaluation records are never looked at).
+    val: int = 0
+    snapshots: int = 0  # banks kept at evenly spaced steps of the experts' run (the last is the final bank)
 
 
 # Rank 8 on every linear layer of a Llama-family block: on the same data, steps and held-out records,
@@ -158,10 +171,13 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
     stages.run("data", out / "data" / "done", lambda: _prepare_data(layout, prof, out / "data"))
     steps = prof.steps or _epoch_steps(out / "data" / "train", prof)
     stages.run("experts", out / "experts" / "bank" / "experts.json",
-               lambda: _train(cfg, prof, out / "data" / "train", out / "experts", steps))
+               lambda: _train(cfg, prof, out / "data" / "train", out / "experts", steps,
+                              snapshot_every=_snapshot_every(prof, steps)))
     stages.run("multitask", out / "multitask" / "bank" / "experts.json",
                lambda: _train(cfg, prof, out / "data" / "multitask", out / "multitask", steps))
     session = _Session(cfg, out)
+    if _snapshot_every(prof, steps):
+        stages.run("select", out / "experts" / "selected" / "experts.json", lambda: session.select(layout, steps))
     stages.run("base", out / "eval" / "base" / "summary.json", lambda: session.eval_base(layout))
     stages.run("eval-experts", out / "eval" / "experts" / "summary.json", lambda: session.eval_experts(layout))
     stages.run("eval-multitask", out / "eval" / "multitask" / "summary.json",
@@ -235,16 +251,20 @@ def _prepare_data(layout: dict, prof: Profile, d: Path) -> None:
     union = []
     for t in layout["seen"]:
         records = read_task_file(root / "train" / f"{t}.json").records
-        if len(records) <= prof.heldout:
-            raise ValueError(f"task {t}: {len(records)} records, cannot hold out {prof.heldout}")
+        cut = prof.heldout + prof.val
+        if len(records) <= cut:
+            raise ValueError(f"task {t}: {len(records)} records, cannot hold out {prof.heldout} + {prof.val}")
         shots = set()
         if t in layout["shots"]:
             shots = {r["input"] for r in read_task_file(layout["shots"][t], missing_marker="keep").records}
-        train, held = records[:-prof.heldout], [r for r in records[-prof.heldout:] if r["input"] not in shots]
+        train, held = records[:-cut], [r for r in records[-prof.heldout:] if r["input"] not in shots]
+        val = [r for r in records[len(records) - cut:len(records) - prof.heldout] if r["input"] not in shots]
         if prof.train_cap:
             train = train[:prof.train_cap]
         atomic_write_text(d / "train" / f"{t}.json", json.dumps(train, ensure_ascii=False) + "\n")
         atomic_write_text(d / "eval" / f"{t}.json", json.dumps(_limit(held, prof), ensure_ascii=False) + "\n")
+        if prof.val:
+            atomic_write_text(d / "val" / f"{t}.json", json.dumps(val, ensure_ascii=False) + "\n")
         union.extend(train)
     g = torch.Generator().manual_seed(0)
     union = [union[i] for i in torch.randperm(len(union), generator=g).tolist()]
@@ -264,14 +284,38 @@ def _epoch_steps(train_dir: Path, prof: Profile) -> int:
     return max(1, round(prof.epochs * n / prof.batch_size))
 
 
-def _train(cfg: ReproduceConfig, prof: Profile, data: Path, out: Path, steps: int) -> None:
+def _snapshot_every(prof: Profile, steps: int) -> int:
+    """Steps between the experts' snapshots; 0 when no step is to be chosen."""
+    if not prof.val or prof.snapshots < 2:
+        return 0
+    return max(1, steps // prof.snapshots)
+
+
+def _train(cfg: ReproduceConfig, prof: Profile, data: Path, out: Path, steps: int, *, snapshot_every: int = 0) -> None:
     from .distill import TrainConfig, train
 
     resume = (out / "checkpoints").is_dir()
     train(TrainConfig(student=cfg.student, data=str(data), out=str(out), rank=prof.rank, targets=prof.targets,
                       steps=steps, batch_size=prof.batch_size, lr=prof.lr, max_len=prof.max_len, n_eval=0,
                       seed=cfg.seed, prompt_format=cfg.prompt_format, progress=cfg.progress, resume=resume,
-                      warmup=min(20, max(1, steps // 10))))
+                      warmup=min(20, max(1, steps // 10)), snapshot_every=snapshot_every))
+
+
+def compose_bank(banks: dict[int, ExpertBank], choice: dict[str, int]) -> ExpertBank:
+    """One bank whose expert ``name`` is taken from ``banks[choice[name]]`` (experts not in ``choice``
+    from the bank of the largest key). The banks must hold the same experts over the same modules."""
+    last = banks[max(banks)]
+    for key, b in banks.items():
+        if b.names != last.names or b.modules != last.modules or b.rank != last.rank:
+            raise ValueError(f"bank {key} holds other experts, modules or rank than bank {max(banks)}")
+    lora_a = {m: t.clone() for m, t in last.lora_a.items()}
+    lora_b = {m: t.clone() for m, t in last.lora_b.items()}
+    for name, key in choice.items():
+        i = last.index(name)
+        for m in last.modules:
+            lora_a[m][i] = banks[key].lora_a[m][i]
+            lora_b[m][i] = banks[key].lora_b[m][i]
+    return replace(last, names=list(last.names), lora_a=lora_a, lora_b=lora_b)
 
 
 # ---------------------------------------------------------------------------------- eval and mix
@@ -289,12 +333,18 @@ class _Session:
             from .student import load_student
 
             self._student = load_student(self.cfg.student)
-            self._bank = ExpertBank.load(self.out / "experts" / "bank", student=self._student)
+            self._bank = ExpertBank.load(self.bank_dir, student=self._student)
             self._handle = inject_experts(self._student.model, self._bank)
         return self._student, self._bank, self._handle
 
-    def _records(self, tasks) -> dict[str, list]:
-        return {t: read_task_file(self.out / "data" / "eval" / f"{t}.json", require_marker=False).records
+    @property
+    def bank_dir(self) -> Path:
+        """The experts every later stage uses: the per-task choice of ``select`` where it ran."""
+        selected = self.out / "experts" / "selected"
+        return selected if (selected / "experts.json").is_file() else self.out / "experts" / "bank"
+
+    def _records(self, tasks, split: str = "eval") -> dict[str, list]:
+        return {t: read_task_file(self.out / "data" / split / f"{t}.json", require_marker=False).records
                 for t in tasks}
 
     def _config(self, prompt_format: str):
@@ -305,16 +355,16 @@ class _Session:
                                 stop_after_answer=True, stop_on_loop=True)
 
     def _evaluate(self, name: str, tasks: list[str], gates: dict, *, mode: str = "output",
-                  handle=None, prompt_format: str | None = None) -> None:
+                  handle=None, prompt_format: str | None = None, split: str = "eval", dest: Path | None = None):
         from .evaluate import averages, evaluate_many
 
         student, bank, own = self._load()
         handle = handle or own
         handle.set_mode(mode)
         fmt = prompt_format or self.cfg.prompt_format
-        res = evaluate_many(student.model, student.tokenizer, self._records(tasks), handle=handle,
+        res = evaluate_many(student.model, student.tokenizer, self._records(tasks, split), handle=handle,
                             gates=gates, config=self._config(fmt), progress=self.cfg.progress)
-        d = self.out / "eval" / name
+        d = dest or self.out / "eval" / name
         for t, r in res.items():
             atomic_write_text(d / "predictions" / f"{t}.jsonl",
                               "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in r.predictions))
@@ -327,6 +377,7 @@ class _Session:
                    "averages": averages(res, seen=seen)}
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2) + "\n")
         print(f"  {name}: " + ", ".join(f"{t} {r.accuracy:.0%}" for t, r in res.items()), flush=True)
+        return summary
 
     def eval_base(self, layout):
         tasks = layout["seen"] + layout["unseen"]
@@ -335,6 +386,39 @@ class _Session:
     def eval_experts(self, layout):
         _, bank, _ = self._load()
         self._evaluate("experts", layout["seen"], {t: bank.weights_vector(t) for t in layout["seen"]})
+
+    def select(self, layout, steps: int):
+        """Score every snapshot's experts on their tasks' validation records; write the bank that takes
+        each expert from its best step (ties: the later step) and ``experts/selection.json``."""
+        from .distill import snapshots
+        from .experts import ExpertBank
+        from .inject import inject_experts
+
+        candidates = snapshots(self.out / "experts")
+        candidates[steps] = self.out / "experts" / "bank"  # the final bank, snapshot or not
+        student, _, own = self._load()
+        own.remove()  # one injection at a time: each candidate bank in turn
+        scores, banks = {}, {}
+        try:
+            for step, path in sorted(candidates.items()):
+                bank = banks[step] = ExpertBank.load(path, student=student)
+                handle = inject_experts(student.model, bank)
+                try:
+                    summ = self._evaluate(f"step-{step}", layout["seen"],
+                                          {t: bank.weights_vector(t) for t in layout["seen"]}, handle=handle,
+                                          split="val", dest=self.out / "select" / f"step-{step:07d}")
+                finally:
+                    handle.remove()
+                scores[step] = {t: summ["tasks"][t]["accuracy"] for t in layout["seen"]}
+        finally:
+            self._student = None  # re-inject the chosen bank on the next load
+        choice = {t: max(scores, key=lambda s: (scores[s][t], s)) for t in layout["seen"]}
+        composed = compose_bank(banks, choice)
+        atomic_write_text(self.out / "experts" / "selection.json", json.dumps(
+            {"chosen": choice, "val_accuracy": {t: {str(s): scores[s][t] for s in sorted(scores)}
+                                                for t in layout["seen"]}}, indent=2) + "\n")
+        composed.save(self.out / "experts" / "selected")  # experts.json last: the stage's done marker
+        print("  steps chosen: " + ", ".join(f"{t} {s}" for t, s in choice.items()), flush=True)
 
     def eval_multitask(self, layout):
         from .experts import ExpertBank
@@ -362,7 +446,7 @@ class _Session:
                 continue
             shots = read_task_file(path, require_marker=True, missing_marker="drop").records
             m = mix(bank, student, shots, method="search", mode=mode, budget=prof.budget, seed=self.cfg.seed,
-                    target=t, bank_dir=str(self.out / "experts" / "bank"), handle=handle,
+                    target=t, bank_dir=str(self.bank_dir), handle=handle,
                     finalists=prof.finalists, verify_max_new_tokens=prof.max_new_tokens)
             save_mixture(m, d / f"{t}.json")
             picked = m.info["finalists"][m.info["chosen"]]
@@ -429,11 +513,23 @@ def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()
             "Generations without an extractable answer: " + "; ".join(no_answer) + ".", "",
             f"The paper's average gains over single-model CoT distillation: +{PAPER_GAIN['seen']} points seen, "
             f"+{PAPER_GAIN['unseen']} unseen.", "",
+            *_selection_lines(out),
             "Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(text))
     _plot(found, tasks, out / "report.png")
     return path
+
+
+def _selection_lines(out: Path) -> list[str]:
+    path = out / "experts" / "selection.json"
+    if not path.exists():
+        return []
+    sel = json.loads(path.read_text())
+    parts = [f"{t} {s} (" + ", ".join(f"{k}: {100 * v:.0f}" for k, v in sel["val_accuracy"][t].items()) + ")"
+             for t, s in sel["chosen"].items()]
+    return ["Each expert's training step, chosen by accuracy (%) on its task's validation records per step: "
+            + "; ".join(parts) + ".", ""]
 
 
 def _plot(found: dict, tasks: list[str], png: Path) -> None:
