@@ -154,7 +154,8 @@ def test_reproduce_select_chooses_each_experts_step_on_validation_records(layout
         src = ExpertBank.load(out / "experts" / ("bank" if step == 4 else "snapshots/step-0000002"))
         i = chosen.index(t)
         for m in chosen.modules:
-            assert torch.equal(chosen.lora_a[m][i], src.lora_a[m][i]) and torch.equal(chosen.lora_b[m][i], src.lora_b[m][i])
+            assert torch.equal(chosen.lora_a[m][i], src.lora_a[m][i])
+            assert torch.equal(chosen.lora_b[m][i], src.lora_b[m][i])
     assert "training step, chosen by accuracy" in (out / "report.md").read_text()
 
 
@@ -165,7 +166,8 @@ def test_compose_bank_takes_each_expert_from_its_bank():
     def bank(fill):
         g = torch.Generator().manual_seed(fill)
         return ExpertBank(names=["a", "b", "c"], rank=2, alpha=4.0, targets=("q",), modules={"m": (5, 3)},
-                          lora_a={"m": torch.randn(3, 2, 5, generator=g)}, lora_b={"m": torch.randn(3, 3, 2, generator=g)})
+                          lora_a={"m": torch.randn(3, 2, 5, generator=g)},
+                          lora_b={"m": torch.randn(3, 3, 2, generator=g)})
 
     banks = {10: bank(1), 20: bank(2), 30: bank(3)}
     out = compose_bank(banks, {"a": 10, "b": 20})

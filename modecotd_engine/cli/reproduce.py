@@ -19,7 +19,8 @@ without an answer. Each stage is skipped when its files exist: run the same comm
 Profiles: cpu (7 small seen tasks, rank 8 on every linear layer, 480 steps, 40 held-out and 40 unseen
 records per task; about 80 minutes on a 2-core CPU) and full (every seen task, 5 epochs, lr 5e-4,
 batch 16, all records). ``--set targets=q_proj,v_proj --set steps=240`` gives the older, cheaper cpu
-profile.
+profile; ``--set val=20 --set snapshots=4`` holds 20 more records per seen task out for validation and
+chooses each expert's step among 4 evenly spaced snapshots by its accuracy on them (the select stage).
 """
 
 
@@ -85,8 +86,16 @@ def _header(prof: Profile) -> list[str]:
             f"rank {prof.rank} on {', '.join(prof.targets)}, max length {prof.max_len}"
             f"{f', the first {prof.train_cap} training records per task' if prof.train_cap else ''}; "
             f"{prof.heldout} records per seen "
-            f"task held out of train/, {prof.eval_limit or 'all'} evaluated per task; greedy decoding, "
+            f"task held out of train/, {prof.eval_limit or 'all'} evaluated per task"
+            f"{_select_words(prof)}"
+            "; greedy decoding, "
             f"{prof.max_new_tokens} new tokens at most; search budget {prof.budget}, {prof.finalists} finalists"]
+
+
+def _select_words(prof: Profile) -> str:
+    if not prof.val or prof.snapshots < 2:
+        return ""
+    return f", {prof.val} more held out as validation records choosing each expert among {prof.snapshots} snapshots"
 
 
 def run(args) -> int:
