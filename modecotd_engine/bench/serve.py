@@ -218,6 +218,10 @@ class MergedAdapterLoop(ServeLoop):
         self.bank = bank
         self.targets = {name: model.get_submodule(name) for name in bank.modules}
         self.original = {name: m.weight.detach().float().clone() for name, m in self.targets.items()}
+        # float32 A and B beside each weight, cast once: a switch computes its update where the weight is
+        self.lora = {name: (bank.lora_a[name].detach().to(m.weight.device, torch.float32),
+                            bank.lora_b[name].detach().to(m.weight.device, torch.float32))
+                     for name, m in self.targets.items()}
         self.merges, self.merge_s = 0, 0.0
 
     def group_of(self, selection) -> tuple:
@@ -230,15 +234,16 @@ class MergedAdapterLoop(ServeLoop):
             raise ValueError("a router mixture cannot be merged into the weights")
         t0 = time.perf_counter()
         self._group = None  # unknown until the switch is complete
-        gate = torch.zeros(self.bank.num_experts) if selection.gate is None else selection.gate.float().cpu()
+        gate = torch.zeros(self.bank.num_experts) if selection.gate is None else selection.gate.float()
         for name, lin in self.targets.items():
-            a, b = self.bank.lora_a[name].detach().float().cpu(), self.bank.lora_b[name].detach().float().cpu()
+            a, b = self.lora[name]
+            gate = gate.to(a.device)
             if selection.mode == "weight":
                 delta = torch.einsum("e,enr->nr", gate, b) @ torch.einsum("e,erk->rk", gate, a)
             else:
                 delta = torch.einsum("e,enr,erk->nk", gate, b, a)
             merged = self.original[name] + self.bank.scale * delta
-            lin.weight.copy_(merged.to(device=lin.weight.device, dtype=lin.weight.dtype))
+            lin.weight.copy_(merged.to(lin.weight.dtype))
         self._group = self.group_of(selection)
         self.merges += 1
         self.merge_s += time.perf_counter() - t0

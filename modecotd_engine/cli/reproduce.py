@@ -93,7 +93,7 @@ def _header(prof: Profile) -> list[str]:
 
 
 def _select_words(prof: Profile) -> str:
-    if not prof.val or prof.snapshots < 2:
+    if not prof.selects_steps:
         return ""
     return f", {prof.val} more held out as validation records choosing each expert among {prof.snapshots} snapshots"
 

@@ -72,20 +72,21 @@ class GateState:
     @row_modes.setter
     def row_modes(self, modes: Sequence[str] | None) -> None:
         self._row_modes = None if modes is None else tuple(modes)
-        self._split = _UNSET
+        self._rows = _UNSET  # analysed on first use, once for all layers
 
     def split(self) -> tuple[str, None] | tuple[None, tuple[torch.Tensor, torch.Tensor]]:
         """``(mode, None)`` when every row composes alike (the model-wide mode, or the one mode all
         ``row_modes`` name), else ``(None, (weight rows, output rows))`` as index tensors."""
-        if self._split is _UNSET:
-            modes = self._row_modes
-            if modes is None or len(set(modes)) <= 1:
-                self._split = (modes[0] if modes else self.mode, None)
-            else:
+        modes = self._row_modes
+        if modes is None:
+            return self.mode, None
+        if self._rows is _UNSET:
+            self._rows = None
+            if len(set(modes)) > 1:
                 device = self._gates.device if self._gates is not None else None
                 rows = {m: torch.tensor([i for i, x in enumerate(modes) if x == m], device=device) for m in MODES}
-                self._split = (None, (rows["weight"], rows["output"]))
-        return self._split
+                self._rows = (rows["weight"], rows["output"])
+        return (modes[0], None) if self._rows is None else (None, self._rows)
 
     def single_expert(self) -> tuple[int, float] | None:
         """(e, g) when every gate row is the same one-hot row g * e_e and needs no gradient, else None.
@@ -248,7 +249,6 @@ class MixtureHandle:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.state.mode = mode
-        self.state.row_modes = self.state.row_modes  # re-analysed: rows without their own mode follow it
 
     def lora_parameters(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in (layer.lora_a, layer.lora_b)]

@@ -81,6 +81,11 @@ class Profile:
     val: int = 0
     snapshots: int = 0  # banks kept at evenly spaced steps of the experts' run (the last is the final bank)
 
+    @property
+    def selects_steps(self) -> bool:
+        """Whether the ``select`` stage chooses each expert's step (validation records and >= 2 snapshots)."""
+        return self.val > 0 and self.snapshots >= 2
+
 
 # Rank 8 on every linear layer of a Llama-family block: on the same data, steps and held-out records,
 # the seven cpu-profile experts' mean rose from 11.4% (q_proj, v_proj) to 15.7% (docs/real-data.md).
@@ -176,7 +181,7 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
     stages.run("multitask", out / "multitask" / "bank" / "experts.json",
                lambda: _train(cfg, prof, out / "data" / "multitask", out / "multitask", steps))
     session = _Session(cfg, out)
-    if _snapshot_every(prof, steps):
+    if prof.selects_steps:
         stages.run("select", out / "experts" / "selected" / "experts.json", lambda: session.select(layout, steps))
     stages.run("base", out / "eval" / "base" / "summary.json", lambda: session.eval_base(layout))
     stages.run("eval-experts", out / "eval" / "experts" / "summary.json", lambda: session.eval_experts(layout))
@@ -286,9 +291,7 @@ def _epoch_steps(train_dir: Path, prof: Profile) -> int:
 
 def _snapshot_every(prof: Profile, steps: int) -> int:
     """Steps between the experts' snapshots; 0 when no step is to be chosen."""
-    if not prof.val or prof.snapshots < 2:
-        return 0
-    return max(1, steps // prof.snapshots)
+    return max(1, steps // prof.snapshots) if prof.selects_steps else 0
 
 
 def _train(cfg: ReproduceConfig, prof: Profile, data: Path, out: Path, steps: int, *, snapshot_every: int = 0) -> None:
@@ -391,27 +394,16 @@ class _Session:
         """Score every snapshot's experts on their tasks' validation records; write the bank that takes
         each expert from its best step (ties: the later step) and ``experts/selection.json``."""
         from .distill import snapshots
-        from .experts import ExpertBank
-        from .inject import inject_experts
 
         candidates = snapshots(self.out / "experts")
         candidates[steps] = self.out / "experts" / "bank"  # the final bank, snapshot or not
-        student, _, own = self._load()
-        own.remove()  # one injection at a time: each candidate bank in turn
+        seen = layout["seen"]
         scores, banks = {}, {}
-        try:
-            for step, path in sorted(candidates.items()):
-                bank = banks[step] = ExpertBank.load(path, student=student)
-                handle = inject_experts(student.model, bank)
-                try:
-                    summ = self._evaluate(f"step-{step}", layout["seen"],
-                                          {t: bank.weights_vector(t) for t in layout["seen"]}, handle=handle,
-                                          split="val", dest=self.out / "select" / f"step-{step:07d}")
-                finally:
-                    handle.remove()
-                scores[step] = {t: summ["tasks"][t]["accuracy"] for t in layout["seen"]}
-        finally:
-            self._student = None  # re-inject the chosen bank on the next load
+        for step, path in sorted(candidates.items()):
+            banks[step], summ = self._evaluate_bank(path, f"step-{step}", seen,
+                                                    lambda b: {t: b.weights_vector(t) for t in seen}, split="val",
+                                                    dest=self.out / "select" / f"step-{step:07d}")
+            scores[step] = {t: summ["tasks"][t]["accuracy"] for t in seen}
         choice = {t: max(scores, key=lambda s: (scores[s][t], s)) for t in layout["seen"]}
         composed = compose_bank(banks, choice)
         atomic_write_text(self.out / "experts" / "selection.json", json.dumps(
@@ -419,21 +411,30 @@ class _Session:
                                                 for t in layout["seen"]}}, indent=2) + "\n")
         composed.save(self.out / "experts" / "selected")  # experts.json last: the stage's done marker
         print("  steps chosen: " + ", ".join(f"{t} {s}" for t, s in choice.items()), flush=True)
+        self._student = None  # the later stages load the chosen bank (``bank_dir``)
 
     def eval_multitask(self, layout):
+        tasks = layout["seen"] + layout["unseen"]
+        self._evaluate_bank(self.out / "multitask" / "bank", "multitask", tasks,
+                            lambda b: {t: torch.ones(1) for t in tasks})
+
+    def _evaluate_bank(self, path: Path, name: str, tasks: list[str], gates, **kwargs):
+        """:meth:`_evaluate` with the bank in ``path`` injected in place of the session's (one injection
+        at a time; the session's goes back after). ``gates``: bank -> task gates. Returns (bank, summary)."""
         from .experts import ExpertBank
         from .inject import inject_experts
 
-        student, _, own = self._load()
-        mt = ExpertBank.load(self.out / "multitask" / "bank", student=student)
-        own.remove()  # one injection at a time: the multi-task LoRA in place of the bank
+        student, own_bank, own = self._load()
+        bank = ExpertBank.load(path, student=student)
+        own.remove()
         try:
-            handle = inject_experts(student.model, mt)
-            tasks = layout["seen"] + layout["unseen"]
-            self._evaluate("multitask", tasks, {t: torch.ones(1) for t in tasks}, handle=handle)
-            handle.remove()
+            handle = inject_experts(student.model, bank)
+            try:
+                return bank, self._evaluate(name, tasks, gates(bank), handle=handle, **kwargs)
+            finally:
+                handle.remove()
         finally:
-            self._student = None  # re-inject the bank on the next load
+            self._handle = inject_experts(student.model, own_bank)
 
     def mix_all(self, layout, prof: Profile, mode: str):
         from .mix import mix
