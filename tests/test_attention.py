@@ -49,6 +49,29 @@ def test_grouped_attention_matches_reference_forward_and_grads(heads, kv, q_len,
         torch.testing.assert_close(a, r, rtol=0, atol=1e-12, msg=f"d{name}")
 
 
+def test_keys_past_the_mask_are_masked_out():
+    """Keys and values longer than the mask (a cache's spare room, here random) change nothing: the
+    output equals attention over the masked length, forward and gradients of the real positions."""
+    torch.manual_seed(0)
+    b, heads, kv, q_len, m, room, d = 3, 6, 2, 1, 9, 5, 8
+    q = torch.randn(b, heads, q_len, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, kv, m + room, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, kv, m + room, d, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(b, 1, q_len, m, dtype=torch.float64)
+    mask[1, ..., :3] = torch.finfo(torch.float64).min  # left padding of one row
+    out, _ = grouped_attention(_Module(), q, k, v, mask, scaling=d ** -0.5)
+    ref = _reference(q, k[:, :, :m], v[:, :, :m], mask, d ** -0.5)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for name, a, r in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(a[:, :, :m] if name != "q" else a, r[:, :, :m] if name != "q" else r,
+                                   rtol=0, atol=1e-12, msg=f"d{name}")
+        if name != "q":
+            assert torch.count_nonzero(a[:, :, m:]) == 0, f"d{name} reaches the spare room"
+
+
 def test_uneven_heads_are_refused():
     q, kv = torch.zeros(1, 3, 2, 4), torch.zeros(1, 2, 2, 4)
     with pytest.raises(ValueError, match="3 query heads do not group over 2"):
@@ -69,7 +92,9 @@ def test_student_with_grouped_attention_matches_sdpa(tiny_student_dir):
     keep = mask.bool()
     torch.testing.assert_close(a[keep], b[keep], rtol=0, atol=1e-10)
     # decoding with a KV cache (queries shorter than keys) gives the same greedy text
-    cfg = GenerationConfig(max_new_tokens=12)
+    # (the grouped student's cache hands its whole buffers to the attention; 60 tokens grow them
+    # several times)
+    cfg = GenerationConfig(max_new_tokens=60)
     prompts = ["abc", "a longer prompt"]
     assert generate(ours.model, ours.tokenizer, prompts, config=cfg) == \
         generate(sdpa.model, sdpa.tokenizer, prompts, config=cfg)

@@ -598,6 +598,38 @@ def test_growing_layer_holds_what_concatenation_holds():
     assert grow.get_seq_length() == plain.get_seq_length() == 7 + 199 - 5 + 1
 
 
+def test_growing_layer_full_reads_return_whole_zero_padded_buffers():
+    """full_reads: each update returns the whole buffers, the filled part equal to the concatenation
+    and zeros after it; the cache's growing_cache default follows the grouped attention."""
+    from transformers import AutoConfig
+    from transformers.cache_utils import DynamicLayer
+
+    from modecotd_engine.engine.attention import GROUPED
+    from modecotd_engine.engine.kv_cache import GrowingLayer, growing_cache
+
+    gen = torch.Generator().manual_seed(0)
+    grow, plain = GrowingLayer(full_reads=True), DynamicLayer()
+    growths = 0
+    for step in range(120):
+        n = 40 if step == 0 else 1
+        k, v = torch.randn(2, 3, n, 4, generator=gen), torch.randn(2, 3, n, 4, generator=gen)
+        before = grow.__dict__.get("_keys", (None, 0))[0]
+        gk, gv = grow.update(k, v)
+        pk, pv = plain.update(k, v)
+        growths += gk is not before
+        filled = pk.shape[-2]
+        assert gk.shape[-2] >= filled and gk.is_contiguous() and gv.is_contiguous()
+        assert torch.equal(gk[..., :filled, :], pk) and torch.equal(gv[..., :filled, :], pv)
+        assert not gk[..., filled:, :].any() and not gv[..., filled:, :].any()
+        assert torch.equal(grow.keys, pk) and grow.get_seq_length() == filled
+        assert gk.shape[-2] - filled <= max(filled // 8, 16)  # an eighth of room at most
+    assert growths <= 12
+    config = AutoConfig.for_model("llama", num_hidden_layers=2)
+    assert not growing_cache(config).layers[0].full_reads
+    config._attn_implementation = GROUPED
+    assert growing_cache(config).layers[0].full_reads
+
+
 def test_inference_copies_follow_the_bank():
     """The torch path's cached inference copies of A and B are remade when the bank changes in place
     (a training step between two generations) and equal a plain cast."""

@@ -27,8 +27,10 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                       attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs):
     """softmax(Q K^T * scaling + mask) V for query (B, H, L, D) and key/value (B, KV, S, D).
 
-    ``attention_mask`` is transformers' additive mask (B or 1, 1, L, S) or None. Returns the output
-    as (B, L, H, D), the layout the attention modules reshape from, and no weights.
+    ``attention_mask`` is transformers' additive mask (B or 1, 1, L, M) or None. Keys and values may
+    be longer than the mask (M < S: a :class:`~.kv_cache.GrowingLayer` with ``full_reads`` hands over
+    its whole buffers); positions from M on are masked out. Returns the output as (B, L, H, D), the
+    layout the attention modules reshape from, and no weights.
     """
     b, h, q_len, d = query.shape
     kv, s = key.shape[1], key.shape[2]
@@ -41,6 +43,8 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None:
         # mask + scaling * scores in one op: the upcast, the scaling and the mask in a single pass
         mask = attention_mask[:, :, None, :, : s].to(acc)  # (B, 1, 1, L, S) over (B, KV, G, L, S)
+        if mask.shape[-1] < s:  # a cache's spare room past the filled positions
+            mask = nn.functional.pad(mask, (0, s - mask.shape[-1]), value=torch.finfo(acc).min)
         scores = torch.add(mask, scores, alpha=scaling)
     else:
         scores = scores.to(acc) * scaling
