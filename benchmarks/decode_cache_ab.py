@@ -1,9 +1,10 @@
 """Decoding forward time with the KV cache read as views of its filled part vs as whole buffers.
 
     python benchmarks/decode_cache_ab.py [--bank DIR] [--rows 32] [--new-tokens 33] [--repeats 3] [--out DIR]
+                                         [--student DIR] [--dtype auto] [--attention auto] [--prompt-format chat]
 
-Runs ``generate_detailed`` (what ``infer``, ``eval`` and ``serve`` decode through) on the built-in
-student in its default dtype, ``rows`` prompts of ~190 tokens under the chat template, greedy, no
+Runs ``generate_detailed`` (what ``infer``, ``eval`` and ``serve`` decode through) on the student
+(default: the built-in one) in its default dtype, ``rows`` prompts of ~190 tokens under the chat template, greedy, no
 stop rule, alternating the two ways the cache hands keys and values to the attention
 (``kv_cache.GrowingLayer``'s ``full_reads``) ``repeats`` times. Every decoding forward (one token per
 row) is timed; the figure per run is the median forward, and the table gives each setting's runs. With
@@ -32,6 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=33, help="tokens generated per row (33)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each setting, alternating (3)")
     ap.add_argument("--out", help="directory for decode-cache.md / decode-cache.json")
+    ap.add_argument("--student", help="student directory (default: the built-in student)")
+    ap.add_argument("--dtype", default="auto", help="student dtype (auto: bf16 where the CPU has it natively)")
+    ap.add_argument("--attention", default="auto", help="attention implementation (auto, grouped, ...); whole-"
+                    "buffer reads need the engine's grouped attention")
+    ap.add_argument("--prompt-format", default="chat", choices=("chat", "plain"),
+                    help="prompts inside the student's chat template (chat) or as they are (plain)")
     args = ap.parse_args(argv)
 
     import modecotd_engine.engine.decoder as decoder
@@ -39,9 +46,13 @@ def main(argv=None) -> int:
     from modecotd_engine.engine.atomic import atomic_write_text
     from modecotd_engine.engine.generate import GenerationConfig, generate_detailed
     from modecotd_engine.engine.kv_cache import growing_cache
+    from modecotd_engine.engine.attention import GROUPED
     from modecotd_engine.engine.student import load_student
 
-    st = load_student(None, dtype="auto")
+    st = load_student(args.student, dtype=args.dtype, attention=args.attention)
+    if st.model.config._attn_implementation != GROUPED:
+        ap.error(f"the student runs {st.model.config._attn_implementation} attention; whole-buffer reads need "
+                 f"the engine's grouped attention (--attention grouped)")
     model, handle, gates = st.model, None, None
     if args.bank:
         from modecotd_engine.engine.experts import ExpertBank
@@ -53,7 +64,7 @@ def main(argv=None) -> int:
         gates[torch.arange(args.rows), torch.arange(args.rows) % bank.num_experts] = 1
     prompts = [("Q: Tom has %d apples and buys %d more, then gives away %d. How many are left? "
                 "Explain each step carefully. " % (i, 2 * i + 3, i // 2)) * 6 for i in range(args.rows)]
-    cfg = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=args.rows, prompt_format="chat",
+    cfg = GenerationConfig(max_new_tokens=args.new_tokens, batch_size=args.rows, prompt_format=args.prompt_format,
                            stop_after_answer=False, stop_on_loop=False)
 
     forward_times: list[float] = []
@@ -93,7 +104,7 @@ def main(argv=None) -> int:
              f"{report['date']}, {report['device']}, torch {report['torch']}, transformers "
              f"{report['transformers']}; student {st.path.name} ({st.dtype}, attention "
              f"{report['attention']}); {'experts of ' + args.bank + ', one per row' if args.bank else 'no experts'}; "
-             f"{args.rows} rows, ~190-token prompts, {args.new_tokens} new tokens, greedy", "",
+             f"{args.rows} rows, ~190-token prompts ({args.prompt_format}), {args.new_tokens} new tokens, greedy", "",
              "| cache read | median decoding forward per run (ms) |", "|---|---|"]
     lines += [f"| {k} | {', '.join(f'{x:.1f}' for x in v)} |" for k, v in runs.items()]
     lines += ["", f"speed-up (median of runs): {report['speedup']:.2f}x; same texts: {'yes' if same else 'NO'}", "",
