@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     from modecotd_engine.bench.common import device_name, versions
     from modecotd_engine.engine.atomic import atomic_write_text
     from modecotd_engine.engine.generate import GenerationConfig, generate_detailed
-    from modecotd_engine.engine.kv_cache import growing_cache
     from modecotd_engine.engine.attention import GROUPED
+    from modecotd_engine.engine.kv_cache import growing_cache
     from modecotd_engine.engine.student import load_student
 
     st = load_student(args.student, dtype=args.dtype, attention=args.attention)
@@ -94,8 +94,7 @@ def main(argv=None) -> int:
         decoder._new_cache = new_cache
         type(model).forward = plain_forward
     same = len({tuple(t) for t in texts.values()}) == 1
-    best = {k: statistics.median(v) for k, v in runs.items()}
-    (old, new) = best.values()
+    old, new = (statistics.median(v) for v in runs.values())
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(st.device),
               **versions(), "dtype": str(st.dtype), "attention": model.config._attn_implementation,
               "bank": args.bank, "rows": args.rows, "new_tokens": args.new_tokens, "runs_ms": runs,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -107,3 +108,12 @@ def make_random_bank(model, names, *, seed: int = 0, b_std: float = 0.3, rank: i
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def load_script(path: Path):
+    """Import a script that is not part of the package (``benchmarks/*.py``) as a module."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

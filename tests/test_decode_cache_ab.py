@@ -3,26 +3,25 @@ ways and writes its report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_cache_ab.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("decode_cache_ab", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_decode_cache_ab_smoke(tiny_student_dir, tmp_path):
     rc = _load().main(["--student", str(tiny_student_dir), "--dtype", "float32", "--attention", "grouped",
-                       "--prompt-format", "plain", "--rows", "3", "--new-tokens", "40", "--repeats", "1", "--out", str(tmp_path)])
+                       "--prompt-format", "plain", "--rows", "3", "--new-tokens", "40", "--repeats", "1",
+                       "--out", str(tmp_path)])
     report = json.loads((tmp_path / "decode-cache.json").read_text())
     assert rc == 0 and report["same_texts"] is True
     assert report["attention"] == "modecotd_grouped"

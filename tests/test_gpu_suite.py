@@ -3,7 +3,6 @@ the report a GPU run would, so the one-call GPU suite cannot rot between GPU run
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
@@ -24,10 +25,7 @@ def _suite(out: Path, *args: str, timeout: float = 170) -> subprocess.CompletedP
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SUITE)
 
 
 @pytest.fixture(scope="module")
