@@ -39,8 +39,8 @@ class Scripted:
         self.calls = []
 
     def __call__(self, model, tokenizer, prompts, *, handle=None, gates=None, config=None, stream=None,
-                 progress=False, modes=None):
-        self.calls.append({"prompts": list(prompts), "gates": gates, "modes": modes})
+                 progress=False, modes=None, answers=None):
+        self.calls.append({"prompts": list(prompts), "gates": gates, "modes": modes, "answers": answers})
         texts = [self.texts[p] for p in prompts]
         n = len(texts)
         return GenerationResult(texts, [len(t) for t in texts], ["stop"] * n, [0.0] * n, 0.0)
@@ -84,6 +84,23 @@ def test_scoring_exact_and_substring(monkeypatch):
     assert r2.task_type == "choice" and r2.correct == 1
     r3 = ev.evaluate_records(None, None, choice, task="my_quiz", task_type="text")
     assert r3.task_type == "text" and r3.correct == 0
+
+
+def test_evaluate_many_gives_each_request_its_answer_form(monkeypatch):
+    from modecotd_engine.engine.answer_guide import AnswerForm
+
+    fake = Scripted({"a0": "--> 1 END", "b0": "--> yes END", "c0": "--> B END"})
+    monkeypatch.setattr(ev, "generate_detailed", fake)
+    quiz = "c0"
+    tasks = {"word_math": [{"input": "a0", "output": "1"}], "coin_flips": [{"input": "b0", "output": "yes"}],
+             "my_quiz": [{"input": quiz, "output": "B"}]}
+    ev.evaluate_many(None, None, tasks, config=GenerationConfig(guide_answers=True))
+    assert fake.calls[-1]["answers"] == [AnswerForm.of("arithmetic", "a0"), AnswerForm.of("boolean", "b0"),
+                                         AnswerForm.of("choice", quiz)]  # my_quiz: choice from its golds
+    ev.evaluate_many(None, None, tasks, config=GenerationConfig(temperature=0.7), samples=2)
+    assert fake.calls[-1]["answers"] is None  # not guided unless asked
+    ev.evaluate_many(None, None, tasks, config=GenerationConfig(temperature=0.7, guide_answers=True), samples=2)
+    assert len(fake.calls[-1]["answers"]) == 6 and fake.calls[-1]["answers"][2].task_type == "boolean"
 
 
 def test_evaluate_many_serves_every_task_in_one_call(monkeypatch, base_model):
@@ -193,6 +210,20 @@ def eval_setup(tmp_path_factory, student_dir, base_model):
                              bank=bank_record(bank, root / "bank"), shots_loss_before=None, shots_loss_after=None,
                              evaluations=None), mixtures / f"{t}.json")
     return root, student_dir
+
+
+def test_eval_command_guides_answers(eval_setup):
+    root, student = eval_setup
+    out = root / "out_guided"
+    args = _parse(["eval", "--student", str(student), "--data", str(root / "data"), "--max-new-tokens", "24",
+                   "--out", str(out), "--dtype", "float32", "--no-progress", "--guide-answers"])
+    assert args.func(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["generation"]["guide_answers"] is True
+    # the tiny random student writes no marker: every answer is a number forced at the budget
+    assert {t: (r["unextracted"], r["forced"]) for t, r in summary["tasks"].items()} == {
+        "price_math": (0, 1), "word_math": (0, 3)}
+    assert "| forced |" in (out / "results.md").read_text()
 
 
 def test_eval_command_writes_results(eval_setup, capsys):

@@ -547,6 +547,27 @@ def test_pick_by_generation_keeps_the_student_on_a_tie(student):
     assert chosen == 2  # a tie on correct and answered: the default (here the student), despite its objective
 
 
+def test_pick_by_generation_with_guided_answers(student):
+    """With guided answers every candidate answers every shot in the target's form (the tiny student
+    never writes the marker itself, so each answer is forced at the budget); without, none does."""
+    from modecotd_engine.engine.generate import GenerationConfig
+    from modecotd_engine.engine.mix import pick_by_generation
+
+    bank = make_bank(student.model)
+    handle = inject_experts(student.model, bank, mode="weight")
+    shots = [{"input": f"Is item {i} heads up?", "output": "-->\nyes END"} for i in range(3)]
+    candidates = [(W_STAR, 0.1), (torch.zeros(3), 5.0)]
+    try:
+        guided = pick_by_generation(handle, student.tokenizer, shots, "coin_flip", candidates,
+                                    GenerationConfig(max_new_tokens=24, guide_answers=True), default=1)[1]
+        free = pick_by_generation(handle, student.tokenizer, shots, "coin_flip", candidates,
+                                  GenerationConfig(max_new_tokens=24), default=1)[1]
+    finally:
+        handle.remove()
+    assert [r["answered"] for r in guided] == [3, 3]
+    assert [r["answered"] for r in free] == [0, 0]
+
+
 def test_seen_target_keeps_its_own_expert_on_a_tie(student):
     bank = make_bank(student.model)
     shots = expert_written_shots(student, bank, "weight", n=3, tokens=12)

@@ -106,6 +106,16 @@ def test_reproduce_refuses_a_bad_layout(tmp_path, tiny_student_dir):
     assert main(["reproduce", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "nope=1"]) == 2
 
 
+def test_set_parses_each_profile_field_type():
+    from modecotd_engine.cli.reproduce import _overrides
+
+    got = _overrides(["steps=3", "lr=5e-4", "targets=q_proj,v_proj", "guide_answers=true"])
+    assert got == {"steps": 3, "lr": 5e-4, "targets": ("q_proj", "v_proj"), "guide_answers": True}
+    assert _overrides(["guide_answers=0"]) == {"guide_answers": False}
+    with pytest.raises(ValueError, match="guide_answers takes true or false"):
+        _overrides(["guide_answers=maybe"])
+
+
 def test_reproduce_skip_leaves_systems_out(layout, tiny_student_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["reproduce", "--data", str(layout), "--out", str(out), "--student", str(tiny_student_dir),

@@ -12,6 +12,7 @@ answers are extracted and scored, and the run writes under ``--out``:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import sys
@@ -77,6 +78,11 @@ def register(subparsers) -> None:
     p.add_argument("--samples", type=int, default=1, metavar="K",
                    help="generations per record; K > 1 scores the majority answer over them (self-consistency "
                    "voting; needs --temperature > 0, e.g. 0.7). Default 1: greedy, one generation")
+    p.add_argument("--guide-answers", action="store_true",
+                   help="guided answers: after the '-->' marker only an answer of the task's type may follow (a "
+                   "choice question's option letters, Yes/No, a number) and END; a generation about to end "
+                   "without any answer (EOS, a loop, the token budget) gets the marker written for it and "
+                   "answers the same way (finish reason 'forced', counted in the results)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -146,7 +152,7 @@ def run(args) -> int:
     data = load_eval_data(args.data, tasks=args.tasks, limit=args.limit)
     need_bank = bool(args.experts or args.mixture or args.mixtures or args.per_task)
     student, bank, handle = load_model(args, need_bank=need_bank)
-    config = generation_config(args, bank)
+    config = dataclasses.replace(generation_config(args, bank), guide_answers=args.guide_answers)
     selections = _selections(args, list(data), bank)
     if args.seen is not None:
         seen = {t.strip() for t in args.seen.split(",") if t.strip()}
@@ -201,7 +207,8 @@ def run(args) -> int:
                        "top_p": config.top_p, "seed": config.seed, "samples": args.samples,
                        "prompt_format": config.prompt_format,
                        "repetition_penalty": config.repetition_penalty,
-                       "stop_after_answer": config.stop_after_answer, "stop_on_loop": config.stop_on_loop},
+                       "stop_after_answer": config.stop_after_answer, "stop_on_loop": config.stop_on_loop,
+                       "guide_answers": config.guide_answers},
         "tasks": {t: dict(r.summary(), seen=(t in seen) if seen is not None else None,
                           experts=selections[t].label, mode=selections[t].mode) for t, r in results.items()},
         "averages": averages(results, seen=seen),

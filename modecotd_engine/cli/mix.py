@@ -61,6 +61,10 @@ def register(subparsers) -> None:
                    "default the search starts from the best of w = 0 and the single experts, E extra forward passes)")
     p.add_argument("--verify-max-new-tokens", type=int, default=256,
                    help="token budget of each shot's answer in that check (default: 256)")
+    p.add_argument("--guide-answers", action="store_true",
+                   help="the check's generations have guided answers, as 'eval --guide-answers' scores them: "
+                   "after '-->' only an answer of the target task's type, and a generation about to end "
+                   "without an answer gets the marker written for it")
     p.add_argument("--out", required=True, help="mixture JSON file to write")
     p.add_argument("--export-peft", default=None,
                    help="also write the mixture as a PEFT LoRA adapter directory (weight mode: merged A and B at "
@@ -107,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
             target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
             bank_dir=args.bank, finalists=args.finalists, probe_experts=not args.no_probe,
-            verify_max_new_tokens=args.verify_max_new_tokens)
+            verify_max_new_tokens=args.verify_max_new_tokens, guide_answers=args.guide_answers)
     info = m.info
     if "finalists" in info:
         print(f"checked by generation on the {len(shots)} shots (correct/answered):")

@@ -62,6 +62,10 @@ def _overrides(items: list[str]) -> dict:
             out[key] = tuple(v for v in value.split(",") if v)
         elif "float" in kind:
             out[key] = float(value)
+        elif "bool" in kind:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"--set {item!r}: {key} takes true or false")
+            out[key] = value.lower() in ("true", "1", "yes")
         else:
             out[key] = int(value)
     return out
@@ -88,7 +92,8 @@ def _header(prof: Profile) -> list[str]:
             f"{prof.heldout} records per seen "
             f"task held out of train/, {prof.eval_limit or 'all'} evaluated per task"
             f"{_select_words(prof)}"
-            "; greedy decoding, "
+            "; greedy decoding"
+            f"{' with guided answers' if prof.guide_answers else ''}, "
             f"{prof.max_new_tokens} new tokens at most; search budget {prof.budget}, {prof.finalists} finalists"]
 
 

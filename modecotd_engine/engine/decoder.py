@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
+from .answer_guide import AnswerForm, AnswerGuide, new_guide, restrict
 from .answers import ANSWER_MARKER
 from .data import pad_token_id
 from .inject import MixtureHandle
@@ -44,13 +45,15 @@ from .inject import MixtureHandle
 if TYPE_CHECKING:
     from .generate import GenerationConfig
 
-FINISH_REASONS = ("stop", "eos", "length", "answer", "loop")
+FINISH_REASONS = ("stop", "eos", "length", "answer", "loop", "forced")
 # A request whose last LOOP_REPEATS * p tokens are one p-token piece repeated (p <= LOOP_MAX_PERIOD)
 # has entered a cycle greedy decoding never leaves ("-->\n\n-->", "1. 1. 1."): it ends there.
 LOOP_REPEATS = 4
 LOOP_MAX_PERIOD = 16
 # The answer line is looked for in a tail of this many tokens (marker, blank lines, answer).
 ANSWER_WINDOW = 48
+# Tokens decoded from a guided row's tail to see whether it just wrote the answer marker.
+_MARKER_WINDOW = 6
 # Waiting requests join the running batch once this fraction of its slots is free (or at once when it
 # is empty): one prefill per few finished rows, not one per row.
 ADMIT_FRACTION = 0.25
@@ -378,6 +381,9 @@ class DecodeRow:
         stream: report the row's text as it grows (``DecodeSink.text``).
         mode: composition of the row's experts, "output" or "weight"; None: the handle's mode when
             the row is admitted. Rows of both modes decode in the same batch.
+        answer: the form of the row's answer (``answer_guide``): after the ``-->`` marker only such an
+            answer and END may follow, and a row about to end without any answer (EOS, a loop, its
+            budget) gets the marker written for it (finish reason "forced"). None: no guide.
     """
 
     ids: list[int]
@@ -387,6 +393,7 @@ class DecodeRow:
     sampler: Sampler
     stream: bool = False
     mode: str | None = None
+    answer: AnswerForm | None = None
 
 
 class DecodeSink(Protocol):
@@ -434,6 +441,7 @@ class Decoder:
         self.rows: dict[int, DecodeRow] = {}
         self.tokens: dict[int, list[int]] = {}
         self.emitted: dict[int, int] = {}  # characters of each streaming row already reported
+        self.guides: dict[int, AnswerGuide] = {}
         self.batch: _Running | None = None
         # Rows can join a running batch only where per-request caches stack (no sliding window).
         self.mergeable = config.continuous and _plain_dynamic_cache(model)
@@ -459,6 +467,8 @@ class Decoder:
     def add(self, r: int, row: DecodeRow) -> None:
         """Register row ``r``; it starts decoding when a :meth:`step` admits it."""
         self.rows[r] = row
+        if row.answer is not None:
+            self.guides[r] = new_guide(row.answer, self.tokenizer)
 
     def run(self, order: list[int]) -> None:
         """Decode the registered rows ``order`` to the end: a new group joins once ``ADMIT_FRACTION`` of
@@ -522,10 +532,18 @@ class Decoder:
             logits = logits.index_fill(-1, self.eos_index, float("-inf"))
         if run.seen is not None:
             logits = _penalise_repeats(logits, run.seen, self.penalty)
+        forced = self._guide_before(run) if self.guides else {}
+        if forced.get("allowed"):
+            logits = restrict(logits, *zip(*forced["allowed"]))
         nxt = _pick_tokens(logits, [self.rows[r].sampler for r in run.rows])  # (b,)
+        if forced.get("tokens"):
+            rows, toks = zip(*forced["tokens"])
+            nxt[list(rows)] = torch.tensor(toks, device=nxt.device)
+        picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
+        if self.guides:
+            picked = self._guide_endings(run, picked, nxt)
         if run.seen is not None:
             run.seen.scatter_(1, nxt[:, None], True)
-        picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
         now = time.perf_counter()
         finished: dict[int, str] = {}
         for r, t in zip(run.rows, picked):
@@ -538,6 +556,8 @@ class Decoder:
             toks.append(t)
             if len(toks) >= self.rows[r].budget:
                 finished[r] = "length"
+        if self.guides:
+            self._guide_after(run, picked, finished)
         live = [r for r, t in zip(run.rows, picked) if t not in self.eos]
         self.generated += len(live)
         stopping = [r for r in live if self.rows[r].stops]
@@ -557,9 +577,66 @@ class Decoder:
                         finished[r] = "answer"
         if self.config.stop_on_loop:
             for r in live:
-                if r not in finished and is_looping(self.tokens[r]):
+                if r not in finished and r not in self.guides and is_looping(self.tokens[r]):
                     finished[r] = "loop"
+        for r in finished:
+            if r in self.guides and self.guides[r].marker_forced and finished[r] in ("stop", "answer", "length"):
+                finished[r] = "forced"
         return nxt, finished
+
+    # ---- guided answers (answer_guide)
+
+    def _text(self, r: int) -> str:
+        return self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
+
+    def _guide_before(self, run: _Running) -> dict:
+        """Before a pick: rows whose budget leaves just room for the marker and an answer start the
+        marker (their rationale was cut short); then the forced token or the allowed ids of every
+        guided row."""
+        tokens, allowed = [], []
+        for j, r in enumerate(run.rows):
+            g = self.guides.get(r)
+            if g is None:
+                continue
+            if g.phase == "free" and len(self.tokens[r]) + g.reserve >= self.rows[r].budget > g.reserve:
+                g.start_marker()
+            f = g.forced()
+            if f is not None:
+                tokens.append((j, f))
+                continue
+            ids = g.allowed()
+            if ids is not None:
+                allowed.append((j, ids))
+        return {"tokens": tokens, "allowed": allowed}
+
+    def _guide_endings(self, run: _Running, picked: list[int], nxt: torch.Tensor) -> list[int]:
+        """A guided row that picked EOS or END before any answer (none in its text, no marker yet)
+        writes the marker instead."""
+        for j, (r, t) in enumerate(zip(run.rows, picked)):
+            g = self.guides.get(r)
+            if (g is not None and g.phase == "free" and (t in self.eos or t in g.tables.spell_end)
+                    and not g.form.answered(self._text(r))):
+                g.start_marker()
+                picked[j] = g.forced()
+                nxt[j] = picked[j]
+        return picked
+
+    def _guide_after(self, run: _Running, picked: list[int], finished: dict[int, str]) -> None:
+        """After a pick: advance every guided row's guide; a guided row in a loop writes the marker
+        (a loop never ends by itself under greedy decoding); a row whose answer and END are written ends."""
+        for r, t in zip(run.rows, picked):
+            g = self.guides.get(r)
+            if g is None or t in self.eos:
+                continue
+            tail = None
+            if g.phase == "free" and t in g.tables.closes_marker:
+                tail = self.tokenizer.decode(self.tokens[r][-_MARKER_WINDOW:], skip_special_tokens=True)
+            g.advance(t, tail)
+            if g.done:
+                finished[r] = "forced" if g.marker_forced else "answer"
+            elif (g.phase == "free" and r not in finished and len(self.tokens[r]) + g.reserve < self.rows[r].budget
+                  and is_looping(self.tokens[r])):
+                g.start_marker()
 
     def retire(self, nxt: torch.Tensor, finished: dict[int, str]) -> torch.Tensor | None:
         """Report the finished rows and drop them; the tokens ``nxt`` of the rows that go on."""
@@ -612,6 +689,7 @@ class Decoder:
             self.rows.pop(r, None)
             self.tokens.pop(r, None)
             self.emitted.pop(r, None)
+            self.guides.pop(r, None)
 
     def _stream(self, r: int, final: str | None) -> None:
         """Report the new part of row ``r``'s text; ``final`` is its whole text once it has finished."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .answer_guide import AnswerForm
 from .answers import (ANSWER_MARKER, END_TOKEN, TASK_TYPES, answers_match, extract_answer, infer_task_type,
                       normalize_answer, split_output)
 from .generate import GenerationConfig, GenerationError, generate_detailed
@@ -53,10 +54,15 @@ class TaskResult:
         """Fraction correct (0.0 for an empty task)."""
         return self.correct / self.n if self.n else 0.0
 
+    @property
+    def forced(self) -> int:
+        """Records whose (first) generation had its answer marker written for it (guided answers)."""
+        return sum(p.get("finish_reason") == "forced" for p in self.predictions)
+
     def summary(self) -> dict:
         """The scores without the predictions (for summary files)."""
         return {"task": self.task, "task_type": self.task_type, "n": self.n, "correct": self.correct,
-                "accuracy": self.accuracy, "unextracted": self.unextracted}
+                "accuracy": self.accuracy, "unextracted": self.unextracted, "forced": self.forced}
 
 
 def gold_answer(output: str) -> str:
@@ -254,8 +260,13 @@ def evaluate_many(
                 raise GenerationError(f"a mode given for task {task}, which is not evaluated")
             lo, hi = spans[task]
             row_modes[lo:hi] = [m] * (hi - lo)
+    config = config or GenerationConfig()
+    forms = None
+    if config.guide_answers:
+        forms = [AnswerForm.of(types[task], r["input"]) for task, records in tasks.items()
+                 for r in records for _ in range(samples)]
     res = generate_detailed(model, tokenizer, prompts, handle=handle, gates=gate_rows,
-                            config=config or GenerationConfig(), progress=progress, modes=row_modes)
+                            config=config, progress=progress, modes=row_modes, answers=forms)
     out: dict[str, TaskResult] = {}
     for task, records in tasks.items():
         lo, hi = spans[task]
@@ -285,12 +296,15 @@ def accuracy_table(results: Mapping[str, TaskResult], *, seen: set[str] | None =
     ``seen`` names the tasks that have their own expert (None: no seen/unseen split).
     """
     has_split = seen is not None
-    head = "| task | type |" + (" seen |" if has_split else "") + " n | correct | accuracy | unextracted |"
-    rule = "|---|---|" + ("---|" if has_split else "") + "---:|---:|---:|---:|"
+    guided = any(r.forced for r in results.values())  # a column for guided answers written after a forced marker
+    head = ("| task | type |" + (" seen |" if has_split else "") + " n | correct | accuracy | unextracted |"
+            + (" forced |" if guided else ""))
+    rule = "|---|---|" + ("---|" if has_split else "") + "---:|---:|---:|---:|" + ("---:|" if guided else "")
     rows = [head, rule]
     for task, r in results.items():
         mark = (" yes |" if task in seen else " no |") if has_split else ""
-        rows.append(f"| {task} | {r.task_type} |{mark} {r.n} | {r.correct} | {r.accuracy:.1%} | {r.unextracted} |")
+        rows.append(f"| {task} | {r.task_type} |{mark} {r.n} | {r.correct} | {r.accuracy:.1%} | {r.unextracted} |"
+                    + (f" {r.forced} |" if guided else ""))
     avg = averages(results, seen=seen)
 
     def line(label: str, names: list[str], value: float | None) -> str:
@@ -300,7 +314,8 @@ def accuracy_table(results: Mapping[str, TaskResult], *, seen: set[str] | None =
         correct = sum(results[t].correct for t in names)
         unex = sum(results[t].unextracted for t in names)
         blank = " |" if has_split else ""
-        return f"| **{label}** ({len(names)} tasks) | |{blank} {n} | {correct} | **{value:.1%}** | {unex} |"
+        forced = f" {sum(results[t].forced for t in names)} |" if guided else ""
+        return f"| **{label}** ({len(names)} tasks) | |{blank} {n} | {correct} | **{value:.1%}** | {unex} |{forced}"
 
     if has_split:
         seen_names = [t for t in results if t in seen]

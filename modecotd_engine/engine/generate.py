@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..kernels import MODES
+from .answer_guide import AnswerForm
 from .data import PROMPT_FORMATS, encode_prompt, format_prompt
 from .decoder import (ADMIT_FRACTION, ANSWER_WINDOW, FINISH_REASONS, LOOP_MAX_PERIOD, LOOP_REPEATS,
                       PREFILL_SPLIT_RATIO, DecodeRow, DecodeSink, Decoder, Sampler, answer_complete, is_looping,
@@ -70,6 +71,10 @@ class GenerationConfig:
         continuous: waiting requests join the running batch as rows finish (continuous batching);
             False runs the requests in fixed batches that drain (the next starts when all of one
             have finished), kept for comparison.
+        guide_answers: callers that know each request's task type (evaluation, the mixing check)
+            give every request an answer form (``answer_guide``): after the ``-->`` marker only an
+            answer of that form and END may follow, and a request about to end without an answer
+            gets the marker written for it (finish reason "forced").
     """
 
     max_new_tokens: int = 128
@@ -84,6 +89,7 @@ class GenerationConfig:
     stop_after_answer: bool = False
     stop_on_loop: bool = False
     continuous: bool = True
+    guide_answers: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop_strings, str):
@@ -118,7 +124,8 @@ class GenerationResult:
         texts: the generated continuation per request (request order).
         num_tokens: generated tokens per request (EOS not counted).
         finish_reasons: "stop" (a stop string), "eos", "length" (token budget or model context),
-            "answer" (``stop_after_answer``) or "loop" (``stop_on_loop``).
+            "answer" (``stop_after_answer``, or a guided answer complete), "loop" (``stop_on_loop``) or
+            "forced" (a guided request whose marker was written for it).
         first_token_s: seconds from the call's start until the request's first token was known.
         seconds: wall time of the whole call.
         token_ids: the generated token ids per request (EOS not included; with a stop string, every
@@ -248,8 +255,12 @@ def generate_detailed(
     stream: Callable[[str], None] | None = None,
     progress: bool = False,
     modes: Sequence[str] | None = None,
+    answers: Sequence[AnswerForm | None] | None = None,
 ) -> GenerationResult:
-    """:func:`generate` with token counts, finish reasons and time to first token per request."""
+    """:func:`generate` with token counts, finish reasons and time to first token per request.
+
+    ``answers`` gives each request the form of its answer (``answer_guide.AnswerForm``; None for an
+    unguided request): see :class:`DecodeRow`'s ``answer``."""
     t0 = time.perf_counter()
     config = config or GenerationConfig()
     if isinstance(prompts, str):
@@ -267,6 +278,10 @@ def generate_detailed(
         bad = sorted(set(modes) - set(MODES))
         if bad:
             raise GenerationError(f"unknown composition mode(s) {bad}; expected {' or '.join(MODES)}")
+    if answers is not None:
+        answers = list(answers)
+        if len(answers) != n:
+            raise GenerationError(f"answers need one form (or None) per prompt: {len(answers)} for {n} prompts")
     if n == 0:
         return GenerationResult([], [], [], [], 0.0)
     context = model_context_length(model)
@@ -288,7 +303,8 @@ def generate_detailed(
     decoder = Decoder(model, tokenizer, handle, config, _ResultSink(result, t0, stream, bar))
     for i in range(n):
         decoder.add(i, DecodeRow(ids[i], budgets[i], None if gates is None else gates[i], config.stop_strings,
-                                 sampler, stream=stream is not None, mode=None if modes is None else modes[i]))
+                                 sampler, stream=stream is not None, mode=None if modes is None else modes[i],
+                                 answer=None if answers is None else answers[i]))
 
     # Longest prompts first: the largest batch (in memory) runs first, so a size problem shows at once.
     order = sorted(range(n), key=lambda i: -len(ids[i]))

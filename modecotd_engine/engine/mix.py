@@ -482,7 +482,13 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
     task_type = infer_task_type(target, golds, default="text")  # text: the answer line, compared exactly
     prompts = [s["input"] for s in shots] * len(candidates)
     gates = torch.stack([w for w, _ in candidates for _ in shots])  # (C * S, E)
-    texts = generate_detailed(handle.model, tokenizer, prompts, handle=handle, gates=gates, config=config).texts
+    forms = None
+    if config.guide_answers:
+        from .answer_guide import AnswerForm
+
+        forms = [AnswerForm.of(task_type, p) for p in prompts]
+    texts = generate_detailed(handle.model, tokenizer, prompts, handle=handle, gates=gates, config=config,
+                              answers=forms).texts
     records = []
     for c, (w, value) in enumerate(candidates):
         preds = [extract_answer(t, task_type, question=s["input"])
@@ -542,6 +548,7 @@ def mix(
     finalists: int = 0,
     verify_max_new_tokens: int = 256,
     probe_experts: bool = True,
+    guide_answers: bool = False,
 ) -> Mixture:
     """Find how to combine ``bank``'s experts for ``target`` from a few examples.
 
@@ -574,6 +581,9 @@ def mix(
             objective alone decides. Not for routers.
         verify_max_new_tokens: token budget of each shot's answer in that check (greedy, the
             bank's prompt format, stops after the answer line and on loops).
+        guide_answers: the check's generations have guided answers (``answer_guide``: after the
+            marker only an answer of the target's type; a shot's generation that would end without one
+            gets the marker written for it), as ``eval --guide-answers`` scores them.
         probe_experts: search only: first evaluate every expert alone (w = e_i, E forward passes
             besides the budget) and start the search from the best of them and w = 0. From 0 alone,
             NGOpt's COBYLA steps along the first coordinates first and a budget of 30-40 can end
@@ -618,7 +628,8 @@ def mix(
             loss_before = found.loss_before
         w, objective_after, loss_after = found.weights, found.objective, found.loss
         if finalists and method != "router":
-            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists, verify_max_new_tokens,
+            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists,
+                                                           (verify_max_new_tokens, guide_answers),
                                                            loss_before)
             loss_after = objective_after - float(objective.penalty(w))
             info.update(checked)
@@ -768,10 +779,11 @@ assert set(MIX_METHODS) == set(METHODS), "every mixing method needs an entry in 
 
 
 def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str, finalists: int,
-                     max_new_tokens: int, loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
+                     generation: tuple[int, bool], loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
     """The check by generation of :func:`mix` (``finalists`` > 0): the best ``finalists`` ranked
     candidates (the result alone without a ranking), the prior (a seen target's own expert, else
     w = 0) and w = 0 answer the shots; :func:`pick_by_generation` chooses, the prior kept on a tie.
+    ``generation`` is the check's ``(max_new_tokens, guide_answers)``.
 
     Returns:
         ``(chosen w, its objective, the Mixture.info entries of the check)``.
@@ -795,17 +807,17 @@ def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str
             pool.append((c, value(c)))
     default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
     chosen, checked = pick_by_generation(call.handle, call.tokenizer, shots, target, pool,
-                                         _verify_config(bank, max_new_tokens), default=default)
+                                         _verify_config(bank, *generation), default=default)
     w, objective_after = pool[chosen]
     return w, objective_after, dict(selection="generation on the shots", finalists=checked, chosen=chosen,
                                     prior=default)
 
 
-def _verify_config(bank: ExpertBank, max_new_tokens: int):
+def _verify_config(bank: ExpertBank, max_new_tokens: int, guide_answers: bool = False):
     from .generate import GenerationConfig
 
     return GenerationConfig(max_new_tokens=max_new_tokens, prompt_format=bank.prompt_format,
-                            stop_after_answer=True, stop_on_loop=True)
+                            stop_after_answer=True, stop_on_loop=True, guide_answers=guide_answers)
 
 
 def _router_shots_loss(handle: MixtureHandle, objective: ShotsObjective) -> float:
