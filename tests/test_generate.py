@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -388,6 +389,16 @@ def test_infer_command_single_prompt_streams(cli_setup, base_model, tokenizer, c
     assert _run(["infer", "--student", str(student), "--dtype", "float32", "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
     assert captured.out == want + "\n" and "tokens/s" in captured.err
+
+
+def test_infer_command_guides_answers(cli_setup, capsys):
+    root, student = cli_setup
+    prompt = "Is the coin still heads up?"
+    assert _run(["infer", "--student", str(student), "--dtype", "float32", "--prompt", prompt,
+                 "--max-new-tokens", "30", "--answer-type", "boolean"]) == 0
+    captured = capsys.readouterr()
+    assert re.search(r"\n\n-->\n\n(Yes|No|yes|no|True|False) END\n$", captured.out), captured.out
+    assert "finished by forced" in captured.err
 
 
 @pytest.mark.parametrize("line, message", [

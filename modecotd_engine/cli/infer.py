@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..engine.answer_guide import AnswerForm
+from ..engine.answers import TASK_TYPES
 from ..engine.atomic import atomic_write_text
 from ..engine.data import PROMPT_FORMATS, format_prompt
 from ..engine.decoder import LOOP_REPEATS
@@ -127,6 +129,11 @@ def register(subparsers) -> None:
                    help="where the results of --input go, one JSON object a line (default: stdout)")
     add_model_args(p)
     add_generation_args(p)
+    p.add_argument("--answer-type", choices=TASK_TYPES, default=None,
+                   help="guided answers of this type for every request: after '-->' only such an answer (a "
+                   "choice question's option letters, Yes/No/True/False, a number; free text for letters and "
+                   "text) and END; a request that loops, reaches its budget or ends without an answer gets the "
+                   "marker written for it (finish reason 'forced'). Default: no guide")
     p.set_defaults(func=run)
 
 
@@ -206,9 +213,10 @@ def load_model(args, *, need_bank: bool):
 
 
 def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selection], config: GenerationConfig,
-          *, stream=None, progress: bool = False) -> dict:
+          *, stream=None, progress: bool = False, answers: list | None = None) -> dict:
     """Generate for every request: one mixed batch stream for every gated selection (each row with
-    its own composition mode), one per router mixture.
+    its own composition mode), one per router mixture. ``answers``: each request's answer form
+    (``answer_guide.AnswerForm``) or None.
 
     Returns:
         ``{"texts", "num_tokens", "finish_reasons", "seconds", "groups"}`` in request order.
@@ -233,7 +241,8 @@ def serve(model, tokenizer, handle, prompts: list[str], selections: list[Selecti
                 handle.attach_router(load_router_state(sel0.router), top_k=sel0.router.top_k)
         try:
             res = generate_detailed(model, tokenizer, [prompts[i] for i in idx], handle=handle, gates=gates,
-                                    config=config, stream=stream, progress=progress, modes=modes)
+                                    config=config, stream=stream, progress=progress, modes=modes,
+                                    answers=None if answers is None else [answers[i] for i in idx])
         finally:
             if handle is not None and sel0.router is not None:
                 handle.detach_router()
@@ -292,6 +301,7 @@ def run(args) -> int:
             raise GenerationError(f"{r.where}: {exc}") from None
 
     prompts = [r.prompt for r in requests]
+    answers = None if args.answer_type is None else [AnswerForm.of(args.answer_type, p) for p in prompts]
     try:  # check every prompt before generating anything
         encode_prompts(tok, [format_prompt(tok, p, config.prompt_format) for p in prompts],
                        context=model_context_length(model))
@@ -303,7 +313,7 @@ def run(args) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        res = serve(model, tok, handle, prompts, selections, config, stream=write)
+        res = serve(model, tok, handle, prompts, selections, config, stream=write, answers=answers)
         sys.stdout.write("\n")
         sys.stdout.flush()
         rate = res["num_tokens"][0] / res["seconds"] if res["seconds"] > 0 else 0.0
@@ -311,7 +321,7 @@ def run(args) -> int:
               f"finished by {res['finish_reasons'][0]}]", file=sys.stderr)
         return 0
 
-    res = serve(model, tok, handle, prompts, selections, config, progress=sys.stderr.isatty())
+    res = serve(model, tok, handle, prompts, selections, config, progress=sys.stderr.isatty(), answers=answers)
     lines = []
     for i, r in enumerate(requests):
         rec = dict(r.record)
