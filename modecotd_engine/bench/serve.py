@@ -105,8 +105,10 @@ def _one_request(port: int, body: dict, start: float, at: float, out: dict) -> N
                 first = first or last
                 pieces.append(choice["text"])
     conn.close()
-    out.update(sent=sent, first=first, last=last, done=time.perf_counter(), text="".join(pieces), tokens=tokens,
-               status=resp.status)
+    # A server that sends no usage (or none per stream) is counted one token per text event, as
+    # OpenAI-style servers stream them.
+    out.update(sent=sent, first=first, last=last, done=time.perf_counter(), text="".join(pieces),
+               tokens=tokens or len(pieces), status=resp.status)
 
 
 def run_clients(port: int, bodies: list[dict], arrivals: list[float]) -> list[dict]:
