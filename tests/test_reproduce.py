@@ -83,6 +83,30 @@ def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_
     assert json.loads((out / "config.json").read_text())["profile"]["steps"] == 3
 
 
+def test_a_run_recorded_before_guided_answers_continues_without_them(tmp_path):
+    from modecotd_engine.engine.reproduce import (PROFILES, ReproduceConfig, _check_same_run,
+                                                  profile_as_recorded)
+    from dataclasses import asdict
+
+    cfg = ReproduceConfig(data="d", out=str(tmp_path))
+    prof = cfg.resolved_profile()
+    assert prof.guide_answers is True and PROFILES["full"].guide_answers is True  # new runs guide answers
+    old = {"config": asdict(cfg), "profile": {k: v for k, v in asdict(prof).items() if k != "guide_answers"},
+           "seen": [], "unseen": []}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old, default=str))
+    kept = profile_as_recorded(path, prof, {})
+    assert kept.guide_answers is False  # as the run was made
+    record = json.loads(json.dumps({"config": asdict(cfg), "profile": asdict(kept), "seen": [], "unseen": []},
+                                   default=str))
+    _check_same_run(path, record)  # the same settings: accepted
+    asked = profile_as_recorded(path, prof, {"guide_answers": True})  # --set guide_answers=true on the old run
+    record["profile"]["guide_answers"] = asked.guide_answers
+    with pytest.raises(ValueError, match="guide_answers: False \\(recorded before the field\\) -> True"):
+        _check_same_run(path, record)
+    assert profile_as_recorded(tmp_path / "none.json", prof, {}).guide_answers is True  # a new run
+
+
 def test_reproduce_train_cap_keeps_the_first_records(layout, tmp_path):
     from modecotd_engine.engine.reproduce import PROFILES, ReproduceConfig, _prepare_data, _read_layout
     from dataclasses import replace

@@ -170,7 +170,7 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
     """Run (or continue) the protocol; returns the path of ``report.md``, which opens with ``header``
     (the command, device, versions and date: the caller knows them)."""
     root, out = Path(cfg.data), Path(cfg.out)
-    prof = cfg.resolved_profile()
+    prof = profile_as_recorded(Path(cfg.out) / "config.json", cfg.resolved_profile(), cfg.overrides)
     layout = _read_layout(root, cfg, prof)
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads(json.dumps({"config": asdict(cfg), "profile": asdict(prof), "seen": layout["seen"],
@@ -205,6 +205,19 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
 # files (``overrides`` is checked through the profile it resolves to; ``out`` may have been moved; a
 # skipped system can be built by a later command).
 _FREE_FIELDS = {"progress", "overrides", "out", "skip"}
+# Profile fields added after runs were made whose default is not what those runs did: a run directory
+# recorded without the field continues with the value it ran with (unless --set asks otherwise, which
+# is then a change of settings and refused).
+_EARLIER_VALUES = {"guide_answers": False}
+
+
+def profile_as_recorded(path: Path, prof: Profile, overrides: dict) -> Profile:
+    """``prof`` with the values of ``_EARLIER_VALUES`` for a run recorded before those fields existed."""
+    if not path.exists():
+        return prof
+    recorded = json.loads(path.read_text()).get("profile", {})
+    keep = {k: v for k, v in _EARLIER_VALUES.items() if k not in recorded and k not in overrides}
+    return replace(prof, **keep) if keep else prof
 
 
 def _check_same_run(path: Path, record: dict) -> None:
@@ -216,7 +229,11 @@ def _check_same_run(path: Path, record: dict) -> None:
     changed = []
     for part in ("config", "profile"):
         for k in sorted(set(old.get(part, {})) | set(record[part])):
-            if k in _FREE_FIELDS or k not in old.get(part, {}):  # a field newer than the run: its default
+            if k in _FREE_FIELDS or (k not in old.get(part, {}) and (part == "config" or k not in _EARLIER_VALUES)):
+                continue  # a field newer than the run: its default (or, in _EARLIER_VALUES, the run's value)
+            if k not in old.get(part, {}):
+                if record[part].get(k) != _EARLIER_VALUES[k]:
+                    changed.append(f"{k}: {_EARLIER_VALUES[k]!r} (recorded before the field) -> {record[part].get(k)!r}")
                 continue
             if old.get(part, {}).get(k) != record[part].get(k):
                 changed.append(f"{k}: {old.get(part, {}).get(k)!r} -> {record[part].get(k)!r}")
