@@ -112,6 +112,18 @@ def test_guide_whitespace_after_the_marker_is_bounded(tokenizer):
     assert {tokenizer.decode([i]) for i in g.allowed()} == {"A", "B", "C"}
 
 
+def test_guide_ends_the_answer_on_a_token_it_did_not_allow(tokenizer):
+    g = new_guide(AnswerForm.of("choice", CHOICE_Q), tokenizer)
+    g.start_marker()
+    feed(g, tokenizer, g.tables.marker)
+    g.advance(ids_of(tokenizer, "Z")[0], None)  # never allowed: the decoder restricts the logits first
+    end = []
+    while g.forced() is not None:
+        end.append(g.forced())
+        g.advance(end[-1], None)
+    assert tokenizer.decode(end) == " END" and g.done
+
+
 def test_guide_number_answer(tokenizer):
     g = new_guide(AnswerForm.of("arithmetic", MATH_Q), tokenizer)
     g.start_marker()
@@ -227,6 +239,26 @@ def test_end_without_an_answer_writes_the_marker(base_model, tokenizer, monkeypa
     res = generate_detailed(base_model, tokenizer, [BOOL_Q], config=cfg, answers=[FORMS[0]])
     assert res.finish_reasons == ["forced"]
     assert re.fullmatch("Hmm " + re.escape(MARKER_TEXT) + ANSWER_RE["boolean"] + " END", res.texts[0])
+
+
+def test_a_row_that_holds_an_answer_ends_as_unguided(base_model, tokenizer, monkeypatch):
+    # (a guided row that loops ends there when its text holds an answer: as unguided with stop_on_loop)
+    cfg = GenerationConfig(max_new_tokens=30, stop_strings=("END",), batch_size=1, stop_on_loop=True)
+    _scripted(monkeypatch, ids_of(tokenizer, "So no."))
+    free = generate_detailed(base_model, tokenizer, [BOOL_Q], config=cfg)
+    _scripted(monkeypatch, ids_of(tokenizer, "So no."))
+    guided = generate_detailed(base_model, tokenizer, [BOOL_Q], config=cfg, answers=[FORMS[0]])
+    assert guided.texts == free.texts and guided.finish_reasons == free.finish_reasons
+    assert guided.texts[0].startswith("So no.") and MARKER_TEXT not in guided.texts[0]
+    # at its budget: an answer in the text ("no"), so no marker is written and it runs to the budget
+    script = ids_of(tokenizer, "So no, it is not heads up: Tom flips it twice.")
+    _scripted(monkeypatch, script)
+    guided = generate_detailed(base_model, tokenizer, [BOOL_Q], config=cfg, answers=[FORMS[0]])
+    assert guided.texts == [tokenizer.decode(script[:30])] and guided.finish_reasons == ["length"]
+    _scripted(monkeypatch, ids_of(tokenizer, "Tom flips it twice, Ann once; then"))  # no answer in it
+    cfg = GenerationConfig(max_new_tokens=60, stop_strings=("END",), batch_size=1, stop_on_loop=True)
+    guided = generate_detailed(base_model, tokenizer, [BOOL_Q], config=cfg, answers=[FORMS[0]])
+    assert guided.finish_reasons == ["forced"] and MARKER_TEXT in guided.texts[0]
 
 
 def test_a_loop_writes_the_marker(base_model, tokenizer, monkeypatch):

@@ -590,16 +590,19 @@ class Decoder:
         return self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
 
     def _guide_before(self, run: _Running) -> dict:
-        """Before a pick: rows whose budget leaves just room for the marker and an answer start the
-        marker (their rationale was cut short); then the forced token or the allowed ids of every
-        guided row."""
+        """Before a pick: a row whose budget leaves just room for the marker and an answer starts the
+        marker when its text holds no answer (else it runs on as it would unguided); then the forced
+        token or the allowed ids of every guided row."""
         tokens, allowed = [], []
         for j, r in enumerate(run.rows):
             g = self.guides.get(r)
             if g is None:
                 continue
-            if g.phase == "free" and len(self.tokens[r]) + g.reserve >= self.rows[r].budget > g.reserve:
-                g.start_marker()
+            if (g.phase == "free" and not g.settled
+                    and len(self.tokens[r]) + g.reserve >= self.rows[r].budget > g.reserve):
+                g.settled = True  # checked once: the text is decoded here, not at every later step
+                if not g.form.answered(self._text(r)):
+                    g.start_marker()
             f = g.forced()
             if f is not None:
                 tokens.append((j, f))
@@ -622,8 +625,9 @@ class Decoder:
         return picked
 
     def _guide_after(self, run: _Running, picked: list[int], finished: dict[int, str]) -> None:
-        """After a pick: advance every guided row's guide; a guided row in a loop writes the marker
-        (a loop never ends by itself under greedy decoding); a row whose answer and END are written ends."""
+        """After a pick: advance every guided row's guide; a guided row in a loop (which greedy decoding
+        never leaves) writes the marker when its text holds no answer and ends ("loop") when it does;
+        a row whose answer and END are written ends."""
         for r, t in zip(run.rows, picked):
             g = self.guides.get(r)
             if g is None or t in self.eos:
@@ -634,9 +638,11 @@ class Decoder:
             g.advance(t, tail)
             if g.done:
                 finished[r] = "forced" if g.marker_forced else "answer"
-            elif (g.phase == "free" and r not in finished and len(self.tokens[r]) + g.reserve < self.rows[r].budget
-                  and is_looping(self.tokens[r])):
-                g.start_marker()
+            elif g.phase == "free" and not g.settled and r not in finished and is_looping(self.tokens[r]):
+                if g.form.answered(self._text(r)):
+                    finished[r] = "loop"
+                elif len(self.tokens[r]) + g.reserve < self.rows[r].budget:
+                    g.start_marker()
 
     def retire(self, nxt: torch.Tensor, finished: dict[int, str]) -> torch.Tensor | None:
         """Report the finished rows and drop them; the tokens ``nxt`` of the rows that go on."""
