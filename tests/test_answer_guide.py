@@ -112,6 +112,14 @@ def test_guide_whitespace_after_the_marker_is_bounded(tokenizer):
     assert {tokenizer.decode([i]) for i in g.allowed()} == {"A", "B", "C"}
 
 
+def test_guide_no_whitespace_when_only_the_answer_fits(tokenizer):
+    g = new_guide(AnswerForm.of("choice", CHOICE_Q), tokenizer)
+    feed(g, tokenizer, ids_of(tokenizer, "so -->"))
+    end = len(g.tables.end)
+    assert "\n" in {tokenizer.decode([i]) for i in g.allowed(room=2 + end)}
+    assert {tokenizer.decode([i]) for i in g.allowed(room=1 + end)} == {"A", "B", "C"}  # the letter, then END
+
+
 def test_guide_ends_the_answer_on_a_token_it_did_not_allow(tokenizer):
     g = new_guide(AnswerForm.of("choice", CHOICE_Q), tokenizer)
     g.start_marker()

@@ -199,12 +199,15 @@ class AnswerGuide:
         """The token the row must take now, or None."""
         return self.queue[0] if self.queue else None
 
-    def allowed(self) -> list[int] | None:
-        """The ids the row may take now (answer phase), or None for no restriction."""
+    def allowed(self, room: int | None = None) -> list[int] | None:
+        """The ids the row may take now (answer phase), or None for no restriction. ``room``: tokens
+        the row may still generate; whitespace after its own marker is allowed only while the answer
+        and END still fit after it."""
         if self.phase != ANSWER or self.queue:
             return None
         t = self.tables
-        lead = not self.written and not self.marker_forced and self.whitespace < MARKER_WHITESPACE
+        lead = (not self.written and not self.marker_forced and self.whitespace < MARKER_WHITESPACE
+                and (room is None or room > self.answer_limit + len(t.end)))
         if self.trie is not None:
             node = self._node()
             ids = [k for k in node if k is not None]

@@ -607,7 +607,7 @@ class Decoder:
             if f is not None:
                 tokens.append((j, f))
                 continue
-            ids = g.allowed()
+            ids = g.allowed(self.rows[r].budget - len(self.tokens[r]))
             if ids is not None:
                 allowed.append((j, ids))
         return {"tokens": tokens, "allowed": allowed}
