@@ -84,8 +84,7 @@ def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_
 
 
 def test_a_run_recorded_before_guided_answers_continues_without_them(tmp_path):
-    from modecotd_engine.engine.reproduce import (PROFILES, ReproduceConfig, _check_same_run,
-                                                  profile_as_recorded)
+    from modecotd_engine.engine.reproduce import PROFILES, ReproduceConfig, _check_same_run
     from dataclasses import asdict
 
     cfg = ReproduceConfig(data="d", out=str(tmp_path))
@@ -95,16 +94,20 @@ def test_a_run_recorded_before_guided_answers_continues_without_them(tmp_path):
            "seen": [], "unseen": []}
     path = tmp_path / "config.json"
     path.write_text(json.dumps(old, default=str))
-    kept = profile_as_recorded(path, prof, {})
+    kept = cfg.resolved_profile()
     assert kept.guide_answers is False  # as the run was made
     record = json.loads(json.dumps({"config": asdict(cfg), "profile": asdict(kept), "seen": [], "unseen": []},
                                    default=str))
     _check_same_run(path, record)  # the same settings: accepted
-    asked = profile_as_recorded(path, prof, {"guide_answers": True})  # --set guide_answers=true on the old run
-    record["profile"]["guide_answers"] = asked.guide_answers
+    # once recorded with the field, the run goes on with its value at the next continuation too
+    path.write_text(json.dumps(record))
+    assert cfg.resolved_profile().guide_answers is False
+    path.write_text(json.dumps(old, default=str))
+    asked = ReproduceConfig(data="d", out=str(tmp_path), overrides={"guide_answers": True}).resolved_profile()
+    record["profile"]["guide_answers"] = asked.guide_answers  # --set guide_answers=true on the old run
     with pytest.raises(ValueError, match="guide_answers: False \\(recorded before the field\\) -> True"):
         _check_same_run(path, record)
-    assert profile_as_recorded(tmp_path / "none.json", prof, {}).guide_answers is True  # a new run
+    assert ReproduceConfig(data="d", out=str(tmp_path / "new")).resolved_profile().guide_answers is True  # a new run
 
 
 def test_reproduce_train_cap_keeps_the_first_records(layout, tmp_path):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import fields
-from pathlib import Path
 
 from ..engine.data import PROMPT_FORMATS
-from ..engine.reproduce import PROFILES, SKIPPABLE, Profile, ReproduceConfig, profile_as_recorded, reproduce
+from ..engine.reproduce import PROFILES, SKIPPABLE, Profile, ReproduceConfig, reproduce
 
 _DESCRIPTION = """\
 Run the paper's protocol over a MoDE-CoTD data layout (train/ teacher rationales of the seen tasks,
@@ -112,7 +111,6 @@ def run(args) -> int:
                           progress=not args.no_progress, overrides=_overrides(args.set),
                           skip=tuple(t for t in args.skip.split(",") if t))
     prof = cfg.resolved_profile()  # a bad profile or field fails before anything runs
-    prof = profile_as_recorded(Path(cfg.out) / "config.json", prof, cfg.overrides)  # as an earlier run ran
     report = reproduce(cfg, header=_header(prof))
     print(report.read_text())
     print(f"report: {report} (and {report.with_suffix('.png').name})")

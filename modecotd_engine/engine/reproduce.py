@@ -133,6 +133,12 @@ class ReproduceConfig:
         p = replace(PROFILES[self.profile], **self.overrides)
         if self.tasks:
             p = replace(p, tasks=tuple(self.tasks))
+        # A run directory continues with the values it ran with for fields whose default changed since
+        # (recorded, or from before the field existed), unless --set names them.
+        path = Path(self.out) / "config.json"
+        if path.exists():
+            recorded = json.loads(path.read_text()).get("profile", {})
+            p = replace(p, **{k: recorded.get(k, v) for k, v in _EARLIER_VALUES.items() if k not in self.overrides})
         return p
 
 
@@ -170,7 +176,7 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
     """Run (or continue) the protocol; returns the path of ``report.md``, which opens with ``header``
     (the command, device, versions and date: the caller knows them)."""
     root, out = Path(cfg.data), Path(cfg.out)
-    prof = profile_as_recorded(Path(cfg.out) / "config.json", cfg.resolved_profile(), cfg.overrides)
+    prof = cfg.resolved_profile()
     layout = _read_layout(root, cfg, prof)
     out.mkdir(parents=True, exist_ok=True)
     record = json.loads(json.dumps({"config": asdict(cfg), "profile": asdict(prof), "seen": layout["seen"],
@@ -205,19 +211,10 @@ def reproduce(cfg: ReproduceConfig, *, header: list[str] = ()) -> Path:
 # files (``overrides`` is checked through the profile it resolves to; ``out`` may have been moved; a
 # skipped system can be built by a later command).
 _FREE_FIELDS = {"progress", "overrides", "out", "skip"}
-# Profile fields added after runs were made whose default is not what those runs did: a run directory
-# recorded without the field continues with the value it ran with (unless --set asks otherwise, which
-# is then a change of settings and refused).
+# Profile fields added after runs were made, with the value those runs had (their default now differs):
+# a run directory continues with its recorded value, or this one when it was recorded before the field
+# (ReproduceConfig.resolved_profile); --set naming another value is a change of settings and refused.
 _EARLIER_VALUES = {"guide_answers": False}
-
-
-def profile_as_recorded(path: Path, prof: Profile, overrides: dict) -> Profile:
-    """``prof`` with the values of ``_EARLIER_VALUES`` for a run recorded before those fields existed."""
-    if not path.exists():
-        return prof
-    recorded = json.loads(path.read_text()).get("profile", {})
-    keep = {k: v for k, v in _EARLIER_VALUES.items() if k not in recorded and k not in overrides}
-    return replace(prof, **keep) if keep else prof
 
 
 def _check_same_run(path: Path, record: dict) -> None:
@@ -228,15 +225,14 @@ def _check_same_run(path: Path, record: dict) -> None:
     old = json.loads(path.read_text())
     changed = []
     for part in ("config", "profile"):
-        for k in sorted(set(old.get(part, {})) | set(record[part])):
-            if k in _FREE_FIELDS or (k not in old.get(part, {}) and (part == "config" or k not in _EARLIER_VALUES)):
-                continue  # a field newer than the run: its default (or, in _EARLIER_VALUES, the run's value)
-            if k not in old.get(part, {}):
-                if record[part].get(k) != _EARLIER_VALUES[k]:
-                    changed.append(f"{k}: {_EARLIER_VALUES[k]!r} (recorded before the field) -> {record[part].get(k)!r}")
+        recorded = old.get(part, {})
+        before = {**_EARLIER_VALUES, **recorded} if part == "profile" else recorded
+        for k in sorted(set(before) | set(record[part])):
+            if k in _FREE_FIELDS or k not in before:  # a field newer than the run: its default
                 continue
-            if old.get(part, {}).get(k) != record[part].get(k):
-                changed.append(f"{k}: {old.get(part, {}).get(k)!r} -> {record[part].get(k)!r}")
+            if before[k] != record[part].get(k):
+                note = "" if k in recorded else " (recorded before the field)"
+                changed.append(f"{k}: {before[k]!r}{note} -> {record[part].get(k)!r}")
     for k in ("seen", "unseen"):
         if old.get(k) != record[k]:
             changed.append(f"{k}: {old.get(k)!r} -> {record[k]!r}")
