@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from modecotd_engine.bench.common import device_name, load_average, random_bank, versions
-    from modecotd_engine.bench.serve import _models, _prompts, _quantile, _server_round, _serving, arrival_times
+    from modecotd_engine.bench.serve import (_medians, _models, _prompts, _quantile, _server_round, _serving,
+                                             arrival_times, figures_table)
     from modecotd_engine.engine.atomic import atomic_write_text
     from modecotd_engine.engine.generate import GenerationConfig
     from modecotd_engine.engine.inject import inject_experts
@@ -184,11 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         _, plain_texts = _server_round(lport, [dict(b, lora=[]) for b in llama_bodies], arrivals)
         changed = sum(a != b for a, b in zip(plain_texts, texts[theirs])) / args.requests
 
-    def med(name: str, key: str):
-        vals = [r["figures"][name][key] for r in rounds if r["figures"][name][key] is not None]
-        return None if not vals else round(_quantile(vals, 0.5), 2)
-
-    keys = list(rounds[0]["figures"][ours])
     llama_version = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True)
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device_name(st.device),
               **versions("fastapi", "uvicorn"), "load_average": load_average(),
@@ -197,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               "workload": {"requests": args.requests, "rate_per_s": args.rate, "new_tokens": args.new_tokens,
                            "batch_size": args.batch_size, "experts": EXPERTS, "threads": args.threads,
                            "mixtures": sum("," in m for m in models), "seed": args.seed, "repeats": args.repeats},
-              "providers": {n: {k: med(n, k) for k in keys} for n in (ours, theirs)},
+              "providers": {n: _medians([r["figures"][n] for r in rounds]) for n in (ours, theirs)},
               "ours_vs_llama": round(_quantile([r["ratio"] for r in rounds], 0.5), 2),
               "same_text": min(r["same_text"] for r in rounds), "llama_adapters_change_text": round(changed, 3),
               "rounds": rounds}
@@ -210,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{w['requests']} requests ({w['mixtures']} two-expert mixtures 0.6/0.4, the rest single experts), "
              f"{w['new_tokens']} new tokens each, greedy, EOS ignored; Poisson arrivals at {w['rate_per_s']:g}/s; "
              f"{w['batch_size']} rows at most (llama-server: {w['batch_size']} slots); {w['threads']} threads each", "",
-             "| server | wall (s) | tokens | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, f in report["providers"].items():
-        lines.append(f"| {n} | {f['wall_s']} | {f['tokens']} | {f['tokens_per_s']} | {f['ttft_p50_ms']} | "
-                     f"{f['ttft_p99_ms']} | {f['tpot_p50_ms']} | {f['tpot_p99_ms']} |")
+             *figures_table(report["providers"], first="server")]
     lines += ["", f"Medians over {w['repeats']} rounds (each runs both servers, in alternating order). "
               f"modecotd-engine / llama-server throughput: {report['ours_vs_llama']:.2f}x (median of the rounds' "
               f"ratios). Identical greedy texts: {100 * report['same_text']:.0f}% of the requests (the worst round; "

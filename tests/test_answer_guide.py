@@ -91,6 +91,15 @@ def feed(guide, tokenizer, tokens, text_so_far=""):
     return out
 
 
+def drain(guide):
+    """Take every token the guide forces; the tokens taken."""
+    out = []
+    while guide.forced() is not None:
+        out.append(guide.forced())
+        guide.advance(out[-1], None)
+    return out
+
+
 def test_guide_after_a_marker_the_row_wrote(tokenizer):
     g = new_guide(AnswerForm.of("boolean", BOOL_Q), tokenizer)
     feed(g, tokenizer, ids_of(tokenizer, "It is heads up. -->"))
@@ -99,10 +108,7 @@ def test_guide_after_a_marker_the_row_wrote(tokenizer):
     assert {"Y", "N", "y", "n", "T", "F"} <= allowed and "\n" in allowed and "A" not in allowed
     feed(g, tokenizer, ids_of(tokenizer, "\n\nYes"))
     # "Yes" is a whole answer: END is written for the row, then it is done
-    end = []
-    while g.forced() is not None:
-        end.append(g.forced())
-        g.advance(end[-1], None)
+    end = drain(g)
     assert tokenizer.decode(end) == " END" and g.done
 
 
@@ -125,10 +131,7 @@ def test_guide_ends_the_answer_on_a_token_it_did_not_allow(tokenizer):
     g.start_marker()
     feed(g, tokenizer, g.tables.marker)
     g.advance(ids_of(tokenizer, "Z")[0], None)  # never allowed: the decoder restricts the logits first
-    end = []
-    while g.forced() is not None:
-        end.append(g.forced())
-        g.advance(end[-1], None)
+    end = drain(g)
     assert tokenizer.decode(end) == " END" and g.done
 
 
@@ -150,10 +153,7 @@ def test_guide_number_answer_ends_at_its_limit(tokenizer):
     g = new_guide(AnswerForm.of("arithmetic"), tokenizer)
     g.start_marker()
     feed(g, tokenizer, g.tables.marker + ids_of(tokenizer, "1" * g.answer_limit))
-    rest = []
-    while g.forced() is not None:
-        rest.append(g.forced())
-        g.advance(rest[-1], None)
+    rest = drain(g)
     assert tokenizer.decode(rest) == " END" and g.done
     assert g.reserve == len(g.tables.marker) + g.answer_limit + len(g.tables.end)
 

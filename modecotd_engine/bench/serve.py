@@ -397,6 +397,21 @@ def run_serve_bench(out_dir: Path, *, student: str | None = None, bank: str | No
     return report
 
 
+def figures_table(providers: dict[str, dict], first: str = "provider") -> list[str]:
+    """Markdown table of each provider's figures (``server_figures`` keys; medians over rounds)."""
+
+    def cell(x):
+        return "-" if x is None else f"{x:g}"
+
+    lines = [f"| {first} | wall (s) | tokens | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, p in providers.items():
+        lines.append(f"| {name} | {p['wall_s']:.2f} | {p['tokens']:.0f} | {p['tokens_per_s']:.1f} | "
+                     f"{cell(p['ttft_p50_ms'])} | {cell(p['ttft_p99_ms'])} | {cell(p['tpot_p50_ms'])} | "
+                     f"{cell(p['tpot_p99_ms'])} |")
+    return lines
+
+
 def _markdown(report: dict, student: str) -> list[str]:
     w = report["workload"]
     lines = ["# Serving under Poisson arrivals vs the offline engine loop", "",
@@ -405,17 +420,7 @@ def _markdown(report: dict, student: str) -> list[str]:
              f"student {student} ({report['dtype']}), {report['bank']}; {w['requests']} requests ({w['mixtures']} "
              f"weighted two-expert mixtures, the rest single experts), {w['new_tokens']} new tokens each, greedy, "
              f"batch {w['batch_size']} rows; arrivals Poisson at {w['rate_per_s']:g}/s (offered "
-             f"{w['offered_tokens_per_s']:g} tokens/s)", "",
-             "| provider | wall (s) | tokens | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) | TPOT p99 (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(x):
-        return "-" if x is None else f"{x:g}"
-
-    for name, p in report["providers"].items():
-        lines.append(f"| {name} | {p['wall_s']:.2f} | {p['tokens']:.0f} | {p['tokens_per_s']:.1f} | "
-                     f"{cell(p['ttft_p50_ms'])} | {cell(p['ttft_p99_ms'])} | {cell(p['tpot_p50_ms'])} | "
-                     f"{cell(p['tpot_p99_ms'])} |")
+             f"{w['offered_tokens_per_s']:g} tokens/s)", "", *figures_table(report["providers"])]
     lines += ["", f"Medians over {w['repeats']} rounds (each runs both, in alternating order). Server / offline "
               f"throughput: {report['server_vs_offline']:.2f}x (median of the rounds' ratios); greedy texts agree on "
               f"{100 * report['greedy_text_agreement']:.0f}% of the requests (the worst round).", "",

@@ -532,13 +532,12 @@ class Decoder:
             logits = logits.index_fill(-1, self.eos_index, float("-inf"))
         if run.seen is not None:
             logits = _penalise_repeats(logits, run.seen, self.penalty)
-        forced = self._guide_before(run) if self.guides else {}
-        if forced.get("allowed"):
-            logits = restrict(logits, *zip(*forced["allowed"]))
+        forced, allowed = self._guide_before(run) if self.guides else ({}, {})
+        if allowed:
+            logits = restrict(logits, list(allowed), list(allowed.values()))
         nxt = _pick_tokens(logits, [self.rows[r].sampler for r in run.rows])  # (b,)
-        if forced.get("tokens"):
-            rows, toks = zip(*forced["tokens"])
-            nxt[list(rows)] = torch.tensor(toks, device=nxt.device)
+        if forced:
+            nxt[list(forced)] = torch.tensor(list(forced.values()), device=nxt.device)
         picked = nxt.tolist()  # one host sync per step: finishing decisions need the tokens
         if self.guides:
             picked = self._guide_endings(run, picked, nxt)
@@ -589,11 +588,11 @@ class Decoder:
     def _text(self, r: int) -> str:
         return self.tokenizer.decode(self.tokens[r], skip_special_tokens=True)
 
-    def _guide_before(self, run: _Running) -> dict:
+    def _guide_before(self, run: _Running) -> tuple[dict[int, int], dict[int, list[int]]]:
         """Before a pick: a row whose budget leaves just room for the marker and an answer starts the
-        marker when its text holds no answer (else it runs on as it would unguided); then the forced
-        token or the allowed ids of every guided row."""
-        tokens, allowed = [], []
+        marker when its text holds no answer (else it runs on as it would unguided); then, by batch
+        position, the token each guided row must take and the ids each may take."""
+        forced, allowed = {}, {}
         for j, r in enumerate(run.rows):
             g = self.guides.get(r)
             if g is None:
@@ -605,12 +604,12 @@ class Decoder:
                     g.start_marker()
             f = g.forced()
             if f is not None:
-                tokens.append((j, f))
+                forced[j] = f
                 continue
             ids = g.allowed(self.rows[r].budget - len(self.tokens[r]))
             if ids is not None:
-                allowed.append((j, ids))
-        return {"tokens": tokens, "allowed": allowed}
+                allowed[j] = ids
+        return forced, allowed
 
     def _guide_endings(self, run: _Running, picked: list[int], nxt: torch.Tensor) -> list[int]:
         """A guided row that picked EOS or END before any answer (none in its text, no marker yet)

@@ -628,9 +628,8 @@ def mix(
             loss_before = found.loss_before
         w, objective_after, loss_after = found.weights, found.objective, found.loss
         if finalists and method != "router":
-            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists,
-                                                           (verify_max_new_tokens, guide_answers),
-                                                           loss_before)
+            check = _verify_config(bank, verify_max_new_tokens, guide_answers)
+            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists, check, loss_before)
             loss_after = objective_after - float(objective.penalty(w))
             info.update(checked)
         info.update(objective_before=loss_before, objective_after=objective_after,
@@ -779,11 +778,11 @@ assert set(MIX_METHODS) == set(METHODS), "every mixing method needs an entry in 
 
 
 def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str, finalists: int,
-                     generation: tuple[int, bool], loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
+                     config, loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
     """The check by generation of :func:`mix` (``finalists`` > 0): the best ``finalists`` ranked
     candidates (the result alone without a ranking), the prior (a seen target's own expert, else
     w = 0) and w = 0 answer the shots; :func:`pick_by_generation` chooses, the prior kept on a tie.
-    ``generation`` is the check's ``(max_new_tokens, guide_answers)``.
+    ``config`` is the check's ``GenerationConfig`` (:func:`_verify_config`).
 
     Returns:
         ``(chosen w, its objective, the Mixture.info entries of the check)``.
@@ -807,7 +806,7 @@ def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str
             pool.append((c, value(c)))
     default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
     chosen, checked = pick_by_generation(call.handle, call.tokenizer, shots, target, pool,
-                                         _verify_config(bank, *generation), default=default)
+                                         config, default=default)
     w, objective_after = pool[chosen]
     return w, objective_after, dict(selection="generation on the shots", finalists=checked, chosen=chosen,
                                     prior=default)
