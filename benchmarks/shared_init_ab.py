@@ -3,7 +3,7 @@
 Weight composition (LoraHub-style) merges a mixture as ``(sum_i w_i B_i)(sum_j w_j A_j)``; output
 composition sums the experts' updates, ``sum_i w_i B_i A_i``. The two differ by the cross terms
 ``w_i w_j B_i A_j`` (i != j). When every expert starts from the same A (separate PEFT runs from one
-seed; ``ExpertBank.create``'s default) the A's stay close to one another and a cross term is close to
+seed; ``ExpertBank.create``'s default) the A's stay correlated in training and a cross term resembles
 the update of expert i; with an independent random A per expert (``train --independent-init``) it is
 a product of unrelated projections. This script measures, for banks trained on the same data with the
 same settings but different initialisation:
@@ -82,7 +82,7 @@ def geometry(bank, gates: dict[str, torch.Tensor]) -> dict:
     e = bank.num_experts
     cos_a, cos_b = [], []
     ratio: dict[str, list[float]] = {g: [] for g in gates}
-    cross: dict[str, list[float]] = {g: [] for g in gates}
+    diff: dict[str, list[float]] = {g: [] for g in gates}
     for m in bank.modules:
         a = bank.lora_a[m].detach().double()  # (E, r, K)
         b = bank.lora_b[m].detach().double()  # (E, N, r)
@@ -98,10 +98,10 @@ def geometry(bank, gates: dict[str, torch.Tensor]) -> dict:
             do = torch.einsum("e,enr,erk->nk", w, b, a)
             n_o = float(do.norm())
             ratio[g].append(float(dw.norm()) / n_o)
-            cross[g].append(float((dw - do).norm()) / n_o)
+            diff[g].append(float((dw - do).norm()) / n_o)
     return {"cos_a": statistics.median(cos_a), "cos_b": statistics.median(cos_b),
             "weight_over_output": {g: statistics.median(v) for g, v in ratio.items()},
-            "cross_share": {g: statistics.median(v) for g, v in cross.items()}}
+            "weight_minus_output": {g: statistics.median(v) for g, v in diff.items()}}
 
 
 def held_out_losses(student, bank, records: dict[str, list[dict]], max_len: int) -> dict:
@@ -196,19 +196,19 @@ def markdown(r: dict) -> str:
         f"- date: {r['date']}; device: {r['device']}; "
         f"versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}; {r['seconds']:.0f} s",
         f"- held-out loss: token-mean cross-entropy on the teacher's output of the first {r['limit']} evaluation "
-        "records of each task (mix's objective); gates: base w = 0, own (one-hot), uniform w = 1/E, own-heavy "
+        "records of each task (mix's objective); Dw / Do: the update of weight / output composition; gates: base w = 0, own (one-hot), uniform w = 1/E, own-heavy "
         "(0.5 own, 0.5/(E-1) each other), sum (w = 1 each)",
         "",
         "## Geometry (median over modules)",
         "",
         "| bank | cos(A_i, A_j) | cos(B_i, B_j) | " + " | ".join(
-            f"|Dw|/|Do| {g} | cross share {g}" for g in r["banks"][names[0]]["geometry"]["weight_over_output"]) + " |",
+            f"norm Dw / norm Do, {g} | norm (Dw - Do) / norm Do, {g}" for g in r["banks"][names[0]]["geometry"]["weight_over_output"]) + " |",
         "|---|---:|---:|" + "---:|---:|" * len(r["banks"][names[0]]["geometry"]["weight_over_output"]),
     ]
     for n in names:
         g = r["banks"][n]["geometry"]
         lines.append(f"| {n} | {g['cos_a']:.3f} | {g['cos_b']:.3f} | " + " | ".join(
-            f"{g['weight_over_output'][k]:.3f} | {g['cross_share'][k]:.3f}" for k in g["weight_over_output"]) + " |")
+            f"{g['weight_over_output'][k]:.3f} | {g['weight_minus_output'][k]:.3f}" for k in g["weight_over_output"]) + " |")
     lines += ["", "## Held-out loss per task", "",
               "| task | gate | " + " | ".join(f"{n} output | {n} weight" for n in names) + " |",
               "|---|---|" + "---:|---:|" * len(names)]

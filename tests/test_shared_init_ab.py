@@ -55,8 +55,8 @@ def test_shared_init_ab_report(tiny_student_dir, base_model, tmp_path):
     # (up to the gate's float32 rounding: w = 1/3 sums to 1 + 3e-8)
     for g, total in (("uniform", 1.0), ("own-heavy", 1.0), ("sum", 3.0)):
         assert s["geometry"]["weight_over_output"][g] == pytest.approx(total, abs=1e-6)
-        assert s["geometry"]["cross_share"][g] == pytest.approx(total - 1.0, abs=1e-6)
-        assert ind["geometry"]["cross_share"][g] > 0.1
+        assert s["geometry"]["weight_minus_output"][g] == pytest.approx(total - 1.0, abs=1e-6)
+        assert ind["geometry"]["weight_minus_output"][g] > 0.1
     for t in TASKS:
         # w = 0 is the student whatever the bank
         assert s["loss"][t]["base"]["output"] == pytest.approx(ind["loss"][t]["base"]["output"], abs=1e-6)
