@@ -133,6 +133,7 @@ def held_out_losses(student, bank, records: dict[str, list[dict]], max_len: int)
 def run(args: argparse.Namespace) -> dict:
     import transformers
 
+    from modecotd_engine.engine.atomic import atomic_write_text
     from modecotd_engine.engine.experts import ExpertBank
     from modecotd_engine.engine.student import load_student
 
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         else torch.cuda.get_device_name(student.device),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
-        "dtype": str(student.dtype) if hasattr(student, "dtype") else args.dtype,
+        "dtype": str(student.dtype),
         "limit": args.limit,
         "banks": {},
     }
@@ -175,16 +176,10 @@ def run(args: argparse.Namespace) -> dict:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "ab.json", json.dumps(report, indent=2) + "\n")
-    _write(out / "ab.md", markdown(report))
+    atomic_write_text(out / "ab.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "ab.md", markdown(report))
     print(f"wrote {out / 'ab.md'} and {out / 'ab.json'}")
     return report
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown(r: dict) -> str:
