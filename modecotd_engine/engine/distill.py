@@ -213,7 +213,21 @@ def train_step(loss_module: nn.Module, handle, opt: ExpertAdamW, params: list[to
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    """Run (or resume) a distillation; returns where the experts are and the before/after accuracy."""
+    """Run (or resume) a distillation; returns where the experts are and the before/after accuracy.
+
+    A process group this call opens (``torchrun``) is destroyed before it returns or raises: left to the
+    interpreter's exit, gloo's worker threads are torn down unjoined and the process aborts
+    ("terminate called without an active exception") after a run that succeeded.
+    """
+    opened = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    try:
+        return _train(cfg)
+    finally:
+        if opened and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig) -> TrainResult:
     # ---------------------------------------------------------------- setup
     world, rank = _init_distributed()
     main = rank == 0
