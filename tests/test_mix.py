@@ -194,6 +194,32 @@ def test_uniform_and_existing_handle(student):
     assert handle.state.mode == "weight" and torch.equal(handle.state.gates, torch.ones(1, 3))
 
 
+def test_progress_bar_counts_the_evaluations(student, capsys):
+    bank = make_bank(student.model)
+    shots = expert_written_shots(student, bank, "weight", n=2, tokens=8)
+    m = mix(bank, student, shots, method="search", budget=10, seed=0, target="t", progress=True)
+    err = capsys.readouterr().err
+    # f(0), the three experts probed, then the budget: every evaluation ticks the bar once
+    assert "mix t (search)" in err and f"{m.evaluations}/{1 + 3 + 10}" in err
+    best = min([m.shots_loss_before, *m.info["probed"].values()])  # probed values hold the L1 part, f(0) has none
+    assert "best=" in err and float(err.rsplit("best=", 1)[1][:6]) <= best + 1e-4
+    mix(bank, student, shots, method="search", budget=10, seed=0, target="t", finalists=2, verify_max_new_tokens=4)
+    assert "mix t" not in capsys.readouterr().err  # off by default
+    mix(bank, student, shots, method="search", budget=10, seed=0, target="t", finalists=2, verify_max_new_tokens=4,
+        progress=True)
+    assert "checking the 2 best by generation" in capsys.readouterr().err
+
+
+def test_progress_bar_counts_router_steps(student, capsys):
+    bank = make_bank(student.model)
+    shots = expert_written_shots(student, bank, "output", n=2, tokens=8)
+    data = {"letters": expert_written_shots(student, bank, "output", n=3, tokens=8)}
+    m = mix(bank, student, shots, method="router", mode="output", budget=5, router_data=data, progress=True, target="r")
+    err = capsys.readouterr().err
+    last = m.info["router_losses"][-1]
+    assert "mix r (router)" in err and "6/6" in err and f"train_loss={last:.4f}" in err
+
+
 def objective_at_handle(handle, student, shots, w, mode):
     previous = handle.state.mode
     handle.set_mode(mode)
@@ -334,9 +360,11 @@ def test_cli_mix_and_peft_export_match_our_logits(cli_setup, sharp_dir, tmp_path
     out, adapter = tmp_path / "mix.json", tmp_path / "adapter"
     rc = run_cli("--bank", str(bank_dir), "--target", "letters", "--shots", str(shots_file), "--mode", mode,
                  "--budget", "12", "--student", str(sharp_dir), "--out", str(out), "--export-peft", str(adapter),
-                 "--finalists", "0")  # the search's own result, so the export is of a non-zero mixture
-    printed = capsys.readouterr().out
+                 "--finalists", "0", "--no-progress")  # the search's own result: the export is of a non-zero mixture
+    captured = capsys.readouterr()
+    printed = captured.out
     assert rc == 0, printed
+    assert "mix letters" not in captured.err  # --no-progress
     assert "before" in printed and "after" in printed and "wrote" in printed
     m = load_mixture(out)
     assert m.mode == mode and m.target == "letters" and m.evaluations <= 12 + 1 + 3  # budget, w = 0, 3 probes
@@ -364,9 +392,11 @@ def test_cli_router(cli_setup, sharp_dir, tmp_path, capsys):
     rc = run_cli("--bank", str(bank_dir), "--target", "letters", "--shots", str(shots_file), "--method", "router",
                  "--budget", "3", "--top-k", "2", "--router-data", str(data), "--student", str(sharp_dir),
                  "--out", str(out))
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert rc == 0, printed
     assert "mean routed gate" in printed and (tmp_path / "r.router.safetensors").is_file()
+    assert "mix letters (router)" in captured.err and "4/4" in captured.err
     assert load_mixture(out).top_k == 2
 
 

@@ -65,6 +65,9 @@ def register(subparsers) -> None:
                    help="the check's generations have guided answers, as 'eval --guide-answers' scores them: "
                    "after '-->' only an answer of the target task's type, and a generation about to end "
                    "without an answer gets the marker written for it")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (by default one on stderr counts the objective evaluations, or a router's "
+                   "training steps, with the last and best shots loss, then the check's generations)")
     p.add_argument("--out", required=True, help="mixture JSON file to write")
     p.add_argument("--export-peft", default=None,
                    help="also write the mixture as a PEFT LoRA adapter directory (weight mode: merged A and B at "
@@ -111,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     m = mix(bank, student, shots, method=args.method, mode=args.mode, budget=budget, l1=args.l1, seed=args.seed,
             target=args.target, router_data=router_data, top_k=args.top_k, lr=args.lr, max_len=args.max_len,
             bank_dir=args.bank, finalists=args.finalists, probe_experts=not args.no_probe,
-            verify_max_new_tokens=args.verify_max_new_tokens, guide_answers=args.guide_answers)
+            verify_max_new_tokens=args.verify_max_new_tokens, guide_answers=args.guide_answers,
+            progress=not args.no_progress)
     info = m.info
     if "finalists" in info:
         print(f"checked by generation on the {len(shots)} shots (correct/answered):")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -137,9 +138,11 @@ class ShotsObjective:
         handle: the injected model (its mode is the composition evaluated).
         batches: the shots, from :func:`prepare_shots`.
         l1: weight of the L1 penalty.
+        on_eval: called with the CE part after every evaluation (a progress display).
     """
 
-    def __init__(self, handle: MixtureHandle, batches: Sequence[Batch], l1: float):
+    def __init__(self, handle: MixtureHandle, batches: Sequence[Batch], l1: float,
+                 on_eval: Callable[[float], None] | None = None):
         self.handle = handle
         self.batches = list(batches)
         self.l1 = float(l1)
@@ -147,6 +150,12 @@ class ShotsObjective:
         self.total = sum(self.counts)
         self.evaluations = 0
         self.num_experts = handle.bank.num_experts
+        self.on_eval = on_eval
+
+    def _count(self, ce: float) -> None:
+        self.evaluations += 1
+        if self.on_eval is not None:
+            self.on_eval(ce)
 
     def _gate(self, w: torch.Tensor, rows: int) -> torch.Tensor:
         return w.reshape(1, -1).expand(rows, self.num_experts)
@@ -158,7 +167,7 @@ class ShotsObjective:
             for batch, n in zip(self.batches, self.counts):
                 with self.handle.gated(self._gate(w.detach(), batch.input_ids.shape[0])):
                     total += float(_batch_loss(self.handle.model, batch)) * n
-        self.evaluations += 1
+        self._count(total / self.total)
         return total / self.total
 
     def penalty(self, w: torch.Tensor) -> torch.Tensor:
@@ -179,7 +188,7 @@ class ShotsObjective:
             total += float(part.detach())
         pen = self.penalty(w)
         pen.backward()
-        self.evaluations += 1
+        self._count(total)
         return total + float(pen.detach()), total, w.grad.detach().clone()
 
 
@@ -365,6 +374,7 @@ def train_router(
     lr: float = DEFAULT_ROUTER_LR,
     batch_size: int = DEFAULT_ROUTER_BATCH,
     max_len: int = DEFAULT_MAX_LEN,
+    on_step: Callable[[float], None] | None = None,
 ) -> list[float]:
     """Attach fresh routers and train them (experts and student frozen) on the tasks' records.
 
@@ -380,6 +390,7 @@ def train_router(
         lr: Adam learning rate on the routers.
         batch_size: rows per step.
         max_len: tokens per example.
+        on_step: called with each step's loss (a progress display).
     Returns:
         The loss of every step.
     """
@@ -411,6 +422,8 @@ def train_router(
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(losses[-1])
         if step % 20 == 0 or step == steps - 1:
             log.info("router step %d/%d loss %.4f", step + 1, steps, losses[-1])
     for p in params:
@@ -446,7 +459,8 @@ def mean_routing(handle: MixtureHandle, batches: Sequence[Batch]) -> torch.Tenso
 # -------------------------------------------------------------------------------------------- mix
 def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], target: str,
                        candidates: Sequence[tuple[torch.Tensor, float]], config,
-                       default: int | None = None, alpha: float = SIGN_TEST_ALPHA) -> tuple[int, list[dict]]:
+                       default: int | None = None, alpha: float = SIGN_TEST_ALPHA,
+                       progress: bool = False) -> tuple[int, list[dict]]:
     """Generate every shot's answer under every candidate gate (one batched call) and pick the
     candidate that answers most shots correctly; ties go to more shots answered at all, then to the
     ``default`` candidate, then to the lower objective.
@@ -472,6 +486,7 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
         config: the ``GenerationConfig`` of the check (its prompt format should be the bank's).
         default: index of the candidate kept on a tie (None: the objective decides).
         alpha: level of the sign test that lets a candidate replace ``default``.
+        progress: a progress bar over the generations.
     Returns:
         ``(index of the chosen candidate, per-candidate records {weights, objective, correct, answered})``.
     """
@@ -488,7 +503,7 @@ def pick_by_generation(handle: MixtureHandle, tokenizer, shots: Sequence[dict], 
 
         forms = [AnswerForm.of(task_type, p) for p in prompts]
     texts = generate_detailed(handle.model, tokenizer, prompts, handle=handle, gates=gates, config=config,
-                              answers=forms).texts
+                              answers=forms, progress=progress).texts
     records = []
     for c, (w, value) in enumerate(candidates):
         preds = [extract_answer(t, task_type, question=s["input"])
@@ -549,6 +564,7 @@ def mix(
     verify_max_new_tokens: int = 256,
     probe_experts: bool = True,
     guide_answers: bool = False,
+    progress: bool = False,
 ) -> Mixture:
     """Find how to combine ``bank``'s experts for ``target`` from a few examples.
 
@@ -589,6 +605,8 @@ def mix(
             NGOpt's COBYLA steps along the first coordinates first and a budget of 30-40 can end
             near the first expert it tried (measured on real data: seen tasks whose own expert was
             never reached).
+        progress: a progress bar on stderr: objective evaluations (router: training steps) with the
+            last and best shots loss, then the check's generations.
     Returns:
         The Mixture (not yet saved; see ``mixture.save_mixture``).
     """
@@ -614,14 +632,17 @@ def mix(
     if finalists < 0:
         raise ValueError(f"finalists must be >= 0, got {finalists}")
 
-    with _mixing(model, bank, handle, mode, backend) as handle:
+    with _mixing(model, bank, handle, mode, backend) as handle, \
+            _MixProgress(progress, target, method, _expected_evaluations(method, mode, budget, bank.num_experts,
+                                                                         probe_experts)) as bar:
         t0 = time.perf_counter()
-        objective = ShotsObjective(handle, batches, l1)
+        objective = ShotsObjective(handle, batches, l1, on_eval=bar.evaluation)
         # gradient in output mode evaluates w = 0 at its first step; everything else measures it here.
         loss_before = None if (method == "gradient" and mode == "output") else objective.loss(torch.zeros(bank.num_experts))
         call = MixCall(bank=bank, handle=handle, tokenizer=tokenizer, objective=objective, mode=mode, budget=budget,
                        bounds=(lo, hi), l1=l1, seed=seed, lr=lr, top_k=top_k, max_len=max_len,
-                       router_data=router_data, probe_experts=probe_experts, loss_before=loss_before)
+                       router_data=router_data, probe_experts=probe_experts, loss_before=loss_before,
+                       on_step=bar.router_step)
         found = MIX_METHODS[method](call)
         info: dict = {"shots": len(shots), "shots_tokens": objective.total, "shots_batches": len(batches), **found.info}
         if found.loss_before is not None:
@@ -629,7 +650,9 @@ def mix(
         w, objective_after, loss_after = found.weights, found.objective, found.loss
         if finalists and method != "router":
             check = _verify_config(bank, verify_max_new_tokens, guide_answers)
-            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists, check, loss_before)
+            bar.checking(finalists)
+            w, objective_after, checked = _check_finalists(call, found, shots, target, finalists, check, loss_before,
+                                                           progress=progress)
             loss_after = objective_after - float(objective.penalty(w))
             info.update(checked)
         info.update(objective_before=loss_before, objective_after=objective_after,
@@ -641,6 +664,46 @@ def mix(
         bank=bank_record(bank, bank_dir), shots_loss_before=loss_before, shots_loss_after=loss_after,
         evaluations=evaluations, top_k=top_k if method == "router" else 0, info=info, router_state=found.router_state,
     )
+
+
+def _expected_evaluations(method: str, mode: str, budget: int, num_experts: int, probe: bool) -> int:
+    """How many objective evaluations (router: training steps) a :func:`mix` call's bar counts to."""
+    before = 0 if (method == "gradient" and mode == "output") else 1  # f(0), unless the method measures it
+    if method == "search":
+        return before + (num_experts if probe else 0) + budget
+    if method == "uniform":
+        return before + 1
+    return before + budget  # gradient evaluations, router steps
+
+
+class _MixProgress:
+    """The progress bar of one :func:`mix` call (a disabled bar when ``enabled`` is false)."""
+
+    def __init__(self, enabled: bool, target: str, method: str, total: int):
+        from tqdm.auto import tqdm
+
+        self.desc = f"mix {target} ({method})"
+        self.best = math.inf
+        self.bar = tqdm(total=total, desc=self.desc, unit="step" if method == "router" else "eval",
+                        disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+
+    def evaluation(self, ce: float) -> None:
+        self.best = min(self.best, ce)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{ce:.4f}", best=f"{self.best:.4f}", refresh=False)
+
+    def router_step(self, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(train_loss=f"{loss:.4f}", refresh=False)
+
+    def checking(self, finalists: int) -> None:
+        self.bar.set_description_str(f"{self.desc}: checking the {finalists} best by generation")
+
+    def __enter__(self) -> _MixProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 @contextmanager
@@ -686,6 +749,7 @@ class MixCall:
     router_data: Mapping[str, Sequence[dict]] | None
     probe_experts: bool
     loss_before: float | None  # f(0) without the L1 part, None where the method measures it itself
+    on_step: Callable[[float], None] | None = None  # router: each training step's loss (progress)
 
     @property
     def num_experts(self) -> int:
@@ -758,7 +822,7 @@ def _mix_uniform(call: MixCall) -> Found:
 def _mix_router(call: MixCall) -> Found:
     lr = DEFAULT_ROUTER_LR if call.lr is None else float(call.lr)
     losses = train_router(call.handle, call.tokenizer, call.router_data, steps=call.budget, top_k=call.top_k,
-                          seed=call.seed, lr=lr, max_len=call.max_len)
+                          seed=call.seed, lr=lr, max_len=call.max_len, on_step=call.on_step)
     router_state = call.handle.router_state()
     w = mean_routing(call.handle, call.objective.batches)
     info = dict(steps=call.budget, lr=lr, router_tasks=sorted(call.router_data), router_losses=losses,
@@ -778,7 +842,7 @@ assert set(MIX_METHODS) == set(METHODS), "every mixing method needs an entry in 
 
 
 def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str, finalists: int,
-                     config, loss_before: float | None) -> tuple[torch.Tensor, float, dict]:
+                     config, loss_before: float | None, *, progress: bool = False) -> tuple[torch.Tensor, float, dict]:
     """The check by generation of :func:`mix` (``finalists`` > 0): the best ``finalists`` ranked
     candidates (the result alone without a ranking), the prior (a seen target's own expert, else
     w = 0) and w = 0 answer the shots; :func:`pick_by_generation` chooses, the prior kept on a tie.
@@ -806,7 +870,7 @@ def _check_finalists(call: MixCall, found: Found, shots: list[dict], target: str
             pool.append((c, value(c)))
     default = next(i for i, (c, _) in enumerate(pool) if torch.equal(c, prior))
     chosen, checked = pick_by_generation(call.handle, call.tokenizer, shots, target, pool,
-                                         config, default=default)
+                                         config, default=default, progress=progress)
     w, objective_after = pool[chosen]
     return w, objective_after, dict(selection="generation on the shots", finalists=checked, chosen=chosen,
                                     prior=default)

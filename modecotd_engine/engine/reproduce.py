@@ -467,7 +467,7 @@ class _Session:
             m = mix(bank, student, shots, method="search", mode=mode, budget=prof.budget, seed=self.cfg.seed,
                     target=t, bank_dir=str(self.bank_dir), handle=handle,
                     finalists=prof.finalists, verify_max_new_tokens=prof.max_new_tokens,
-                    guide_answers=prof.guide_answers)
+                    guide_answers=prof.guide_answers, progress=self.cfg.progress)
             save_mixture(m, d / f"{t}.json")
             picked = m.info["finalists"][m.info["chosen"]]
             print(f"  {t}: shots loss {m.shots_loss_before:.3f} -> {m.shots_loss_after:.3f}, "
