@@ -291,6 +291,7 @@ def test_evaluate_with_guided_answers_counts_forced_answers(base_model, tokenize
     assert res["coin_flip"].forced == 3 and res["openbook_qa"].forced == 2
     assert res["coin_flip"].summary()["forced"] == 3
     table = accuracy_table(res)
-    assert table.splitlines()[0].endswith("| forced |") and "| 3 |" in table.splitlines()[2]
+    head, _, first = table.splitlines()[:3]
+    assert head.endswith("| forced | majority | top answer |") and "| 0 | 3 | 100.0% |" in first
     plain = evaluate_many(base_model, tokenizer, tasks, config=GenerationConfig(max_new_tokens=40, batch_size=8))
     assert all(r.forced == 0 for r in plain.values()) and "forced" not in accuracy_table(plain)

@@ -181,6 +181,31 @@ def test_accuracy_table():
                                                  "unseen": pytest.approx(140 / 300)}
 
 
+def _prediction(gold, prediction):
+    return {"gold": gold, "prediction": prediction, "correct": prediction is not None and prediction.lower() == gold.lower()}
+
+
+def test_majority_and_top_answer_show_a_constant_answer():
+    # a yes/no task of 6 "No" and 4 "Yes" records answered "no" everywhere but once (and once not at all)
+    golds = ["No"] * 6 + ["Yes"] * 4
+    preds = ["no"] * 8 + ["Yes", None]
+    rows = [_prediction(g, p) for g, p in zip(golds, preds)]
+    r = ev.TaskResult("strategy", "boolean", 10, sum(x["correct"] for x in rows), 1, rows)
+    assert r.accuracy == pytest.approx(0.7) and r.majority == pytest.approx(0.6)
+    assert r.top_answer == ("no", pytest.approx(0.8))  # normalized: "no" and "No" are one answer
+    choice = ev.TaskResult("quiz", "choice", 4, 1, 0, [_prediction(g, p) for g, p in
+                                                        zip(["A", "B", "B", "C"], ["(C)", "C", "A", None])])
+    assert choice.majority == pytest.approx(0.5) and choice.top_answer == ("C", pytest.approx(0.5))
+    assert ev.TaskResult("none", "choice", 2, 0, 2, [_prediction("A", None)] * 2).top_answer is None
+    s = r.summary()
+    assert (s["majority"], s["top_answer"], s["top_answer_share"]) == (pytest.approx(0.6), "no", pytest.approx(0.8))
+    lines = ev.accuracy_table({"strategy": r, "quiz": choice}).splitlines()
+    assert lines[0].endswith("| unextracted | majority | top answer |")
+    assert "| strategy | boolean | 10 | 7 | 70.0% | 1 | 60.0% | no (80%) |" in lines
+    assert "| quiz | choice | 4 | 1 | 25.0% | 0 | 50.0% | C (50%) |" in lines
+    assert lines[-1] == "| **average all** (2 tasks) | | 14 | 8 | **47.5%** | 1 | 55.0% | |"
+
+
 # ------------------------------------------------------------------------------ the command
 
 

@@ -15,6 +15,7 @@ is kept only to compare with published numbers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -59,10 +60,43 @@ class TaskResult:
         """Records whose (first) generation had its answer marker written for it (guided answers)."""
         return sum(p.get("finish_reason") == "forced" for p in self.predictions)
 
+    @property
+    def majority(self) -> float | None:
+        """Accuracy of one constant answer, the most common gold answer (None without predictions).
+
+        The floor a system must clear before its accuracy says anything about reasoning: on a yes/no
+        task whose records are 60% "no", a student that always answers "no" scores 60%.
+        """
+        if not self.predictions:
+            return None
+        golds = Counter(normalize_answer(p["gold"], self.task_type) for p in self.predictions)
+        return golds.most_common(1)[0][1] / len(self.predictions)
+
+    @property
+    def top_answer(self) -> tuple[str, float] | None:
+        """The most frequent extracted answer and the share of records that gave it (1.0: the system
+        answered every record the same); None without predictions or without any extracted answer."""
+        preds = Counter(normalize_answer(p["prediction"], self.task_type) for p in self.predictions
+                        if p.get("prediction") is not None)
+        if not preds:
+            return None
+        answer, count = preds.most_common(1)[0]
+        return answer, count / len(self.predictions)
+
     def summary(self) -> dict:
         """The scores without the predictions (for summary files)."""
+        top = self.top_answer
         return {"task": self.task, "task_type": self.task_type, "n": self.n, "correct": self.correct,
-                "accuracy": self.accuracy, "unextracted": self.unextracted, "forced": self.forced}
+                "accuracy": self.accuracy, "unextracted": self.unextracted, "forced": self.forced,
+                "majority": self.majority, "top_answer": None if top is None else top[0],
+                "top_answer_share": None if top is None else top[1]}
+
+
+def _spread_cells(r: TaskResult) -> str:
+    top = r.top_answer
+    majority = "-" if r.majority is None else f"{r.majority:.1%}"
+    answer = "-" if top is None else f"{top[0].replace('|', '/')[:24]} ({top[1]:.0%})"
+    return f" {majority} | {answer} |"
 
 
 def gold_answer(output: str) -> str:
@@ -293,18 +327,23 @@ def accuracy_table(results: Mapping[str, TaskResult], *, seen: set[str] | None =
     """Markdown table: per-task accuracy, counts, unextracted answers, then seen/unseen averages.
 
     Averages are macro averages (the mean of per-task accuracies, as the paper reports them);
-    ``seen`` names the tasks that have their own expert (None: no seen/unseen split).
+    ``seen`` names the tasks that have their own expert (None: no seen/unseen split). With
+    predictions, two columns say what the accuracy is worth: ``majority``, the accuracy of always
+    giving the most common gold answer, and ``top answer``, the most frequent answer and the share of
+    records that got it (a system that answers everything the same scores the class balance).
     """
     has_split = seen is not None
     guided = any(r.forced for r in results.values())  # a column for guided answers written after a forced marker
+    spread = any(r.predictions for r in results.values())
     head = ("| task | type |" + (" seen |" if has_split else "") + " n | correct | accuracy | unextracted |"
-            + (" forced |" if guided else ""))
-    rule = "|---|---|" + ("---|" if has_split else "") + "---:|---:|---:|---:|" + ("---:|" if guided else "")
+            + (" forced |" if guided else "") + (" majority | top answer |" if spread else ""))
+    rule = ("|---|---|" + ("---|" if has_split else "") + "---:|---:|---:|---:|" + ("---:|" if guided else "")
+            + ("---:|---|" if spread else ""))
     rows = [head, rule]
     for task, r in results.items():
         mark = (" yes |" if task in seen else " no |") if has_split else ""
         rows.append(f"| {task} | {r.task_type} |{mark} {r.n} | {r.correct} | {r.accuracy:.1%} | {r.unextracted} |"
-                    + (f" {r.forced} |" if guided else ""))
+                    + (f" {r.forced} |" if guided else "") + (_spread_cells(r) if spread else ""))
     avg = averages(results, seen=seen)
 
     def line(label: str, names: list[str], value: float | None) -> str:
@@ -315,7 +354,10 @@ def accuracy_table(results: Mapping[str, TaskResult], *, seen: set[str] | None =
         unex = sum(results[t].unextracted for t in names)
         blank = " |" if has_split else ""
         forced = f" {sum(results[t].forced for t in names)} |" if guided else ""
-        return f"| **{label}** ({len(names)} tasks) | |{blank} {n} | {correct} | **{value:.1%}** | {unex} |{forced}"
+        majorities = [results[t].majority for t in names]
+        floor = (f" {_mean(majorities):.1%} | |" if None not in majorities else " - | |") if spread else ""
+        return (f"| **{label}** ({len(names)} tasks) | |{blank} {n} | {correct} | **{value:.1%}** | {unex} |{forced}"
+                + floor)
 
     if has_split:
         seen_names = [t for t in results if t in seen]
