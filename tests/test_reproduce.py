@@ -58,6 +58,10 @@ def test_reproduce_runs_every_stage_and_continues(layout, tiny_student_dir, tmp_
         assert f" {system} |" in header, system  # the table names every system
     assert "- command: `modecotd-engine " in report and "- device" not in report and "device: CPU" in report
     assert "| coin_flip | no | 2 |" in report and "| addsub | yes | 2 |" in report  # 3 held out, 1 is a shot
+    assert header.endswith("| constant answer | Fine-tune-CoT 250M |")
+    base = json.loads((out / "eval" / "base" / "summary.json").read_text())["tasks"]
+    coin = next(line for line in report.splitlines() if line.startswith("| coin_flip |"))
+    assert coin.endswith(f"| {100 * base['coin_flip']['majority']:.1f} | 100.0 |")  # the majority of its 2 records
     assert (out / "report.png").stat().st_size > 0
     # held-out records are not trained on; unseen evaluation records never reach training or mixing
     held = json.loads((out / "data" / "eval" / "addsub.json").read_text())

@@ -500,8 +500,11 @@ def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()
     found = {s: json.loads((out / "eval" / s / "summary.json").read_text())
              for s in SYSTEMS if (out / "eval" / s / "summary.json").exists()}
     tasks = layout["seen"] + layout["unseen"]
-    head = "| task | seen | n | " + " | ".join(found) + " | Fine-tune-CoT 250M |"
-    rows = [head, "|" + "---|" * (4 + len(found))]
+    # every system answers the same records: the first summary that has it gives a task's majority answer
+    floor = {t: next((found[s]["tasks"][t]["majority"] for s in found
+                      if found[s]["tasks"].get(t, {}).get("majority") is not None), None) for t in tasks}
+    head = "| task | seen | n | " + " | ".join(found) + " | constant answer | Fine-tune-CoT 250M |"
+    rows = [head, "|" + "---|" * (5 + len(found))]
 
     def cell(s, t):
         r = found[s]["tasks"].get(t)
@@ -511,13 +514,16 @@ def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()
         n = next((found[s]["tasks"][t]["n"] for s in found if t in found[s]["tasks"]), 0)
         ref = FINETUNE_COT_250M.get(t)
         rows.append(f"| {t} | {'yes' if t in layout['seen'] else 'no'} | {n} | "
-                    + " | ".join(cell(s, t) for s in found) + f" | {'-' if ref is None else ref} |")
+                    + " | ".join(cell(s, t) for s in found)
+                    + f" | {'-' if floor[t] is None else f'{100 * floor[t]:.1f}'} | {'-' if ref is None else ref} |")
     for group, names in (("seen", layout["seen"]), ("unseen", layout["unseen"])):
         vals = []
         for s in found:
             accs = [found[s]["tasks"][t]["accuracy"] for t in names if t in found[s]["tasks"]]
             vals.append("-" if len(accs) < len(names) or not accs else f"{100 * sum(accs) / len(accs):.1f}")
-        rows.append(f"| **mean {group}** | | | " + " | ".join(vals) + " | |")
+        floors = [floor[t] for t in names]
+        const = "-" if not floors or None in floors else f"{100 * sum(floors) / len(floors):.1f}"
+        rows.append(f"| **mean {group}** | | | " + " | ".join(vals) + f" | {const} | |")
     no_answer = []
     for s, summ in found.items():
         n = sum(r["n"] for r in summ["tasks"].values())
@@ -530,7 +536,10 @@ def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()
             "student; `multitask` one LoRA on the union of the seen tasks' data; `experts` each seen task's own "
             "expert; `search-weight` / `search-output` a weight search over the bank on the task's shots "
             "(learn/), weight or output composition, checked by generation on the shots with w = 0 among the "
-            "candidates; `uniform` the plain average of the experts.", "",
+            "candidates; `uniform` the plain average of the experts. `constant answer`: the accuracy of "
+            "giving every record the task's most common gold answer, the floor below which a system's accuracy "
+            "says nothing about its reasoning (a student that answers every yes/no question \"no\" scores "
+            "the share of \"no\").", "",
             *rows, "",
             "Generations without an extractable answer: " + "; ".join(no_answer) + ".", "",
             f"The paper's average gains over single-model CoT distillation: +{PAPER_GAIN['seen']} points seen, "
