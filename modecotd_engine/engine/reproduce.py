@@ -548,7 +548,7 @@ def write_report(out: Path, layout: dict, times: dict, *, header: list[str] = ()
             "Time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()) + ".", ""]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(text))
-    _plot(found, tasks, out / "report.png")
+    _plot(found, tasks, out / "report.png", floor)
     return path
 
 
@@ -563,7 +563,9 @@ def _selection_lines(out: Path) -> list[str]:
             + "; ".join(parts) + ".", ""]
 
 
-def _plot(found: dict, tasks: list[str], png: Path) -> None:
+def _plot(found: dict, tasks: list[str], png: Path, floor: dict[str, float | None] | None = None) -> None:
+    """Grouped bars per task, one per system; a black line across each task's group marks its
+    constant-answer accuracy (``floor``, the majority gold answer) where it is known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,6 +577,12 @@ def _plot(found: dict, tasks: list[str], png: Path) -> None:
         xs = [j + i * width for j, t in enumerate(tasks) if t in summ["tasks"]]
         ys = [100 * summ["tasks"][t]["accuracy"] for t in tasks if t in summ["tasks"]]
         ax.bar(xs, ys, width=width, label=s)
+    marked = False
+    for j, t in enumerate(tasks):
+        if floor and floor.get(t) is not None:
+            ax.hlines(100 * floor[t], j - width / 2, j + 0.8 - width / 2, colors="black", linewidth=1.5,
+                      label=None if marked else "constant answer")
+            marked = True
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
     ax.set_xticklabels([t.replace("_", "\n", 1) for t in tasks], fontsize=8)
     ax.set_ylabel("accuracy (%)")
