@@ -353,3 +353,35 @@ def test_missing_marker_policy(tiny_student_dir, tmp_path, policy, capsys):
     else:
         assert code == 0
         assert f"task add: {10 if policy == 'keep' else 9} examples" in printed.out
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_train_destroys_the_process_group_it_opened(monkeypatch, fails):
+    """A torchrun process's group is destroyed when train() returns or raises (left to the interpreter's
+    exit, gloo's threads were torn down unjoined and a finished rank aborted); a caller's group is kept."""
+    import torch.distributed as dist
+
+    from modecotd_engine.engine import distill
+
+    def fake_train(cfg):  # what _init_distributed does under torchrun, on a one-process store
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+        if fails:
+            raise RuntimeError("step failed")
+        return "result"
+
+    monkeypatch.setattr(distill, "_train", fake_train)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if fails:
+        with pytest.raises(RuntimeError, match="step failed"):
+            distill.train(TrainConfig())
+    else:
+        assert distill.train(TrainConfig()) == "result"
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())  # the caller's own group
+    try:
+        if not fails:
+            distill.train(TrainConfig())
+            assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
