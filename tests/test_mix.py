@@ -383,6 +383,19 @@ def test_cli_mix_and_peft_export_match_our_logits(cli_setup, sharp_dir, tmp_path
         torch.testing.assert_close(fresh.model(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_cli_mix_in_bfloat16(cli_setup, sharp_dir, tmp_path, capsys):
+    bank_dir, shots_file = cli_setup
+    out = tmp_path / "bf16.json"
+    rc = run_cli("--bank", str(bank_dir), "--target", "letters", "--shots", str(shots_file), "--budget", "6",
+                 "--student", str(sharp_dir), "--out", str(out), "--finalists", "0", "--no-progress",
+                 "--dtype", "bfloat16")
+    printed = capsys.readouterr().out
+    assert rc == 0 and "student torch.bfloat16" in printed
+    m = load_mixture(out)
+    assert m.evaluations <= 6 + 1 + 3 and all(math.isfinite(w) for w in m.weights.values())
+    assert math.isfinite(m.shots_loss_after) and m.shots_loss_after <= m.shots_loss_before
+
+
 def test_cli_router(cli_setup, sharp_dir, tmp_path, capsys):
     bank_dir, shots_file = cli_setup
     data = tmp_path / "seen"

@@ -45,6 +45,12 @@ def register(subparsers) -> None:
     p.add_argument("--student", default=None,
                    help="student model directory (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="device for the student, e.g. cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "auto", "bfloat16", "float16"], default="float32",
+                   help="student dtype (experts and routers stay float32); auto: bfloat16 on CUDA and on CPUs with "
+                   "native bf16 math, as eval and infer use it, float32 otherwise (default: float32)")
+    p.add_argument("--attention", default="auto",
+                   help="student attention: auto (the engine's grouped-query matmul attention on CPU with bf16/fp16 "
+                   "weights, transformers' default elsewhere), grouped, sdpa, eager")
     p.add_argument("--router-data", default=None,
                    help="directory of the seen tasks' training files (NAME.json/.jsonl), required by --method router")
     p.add_argument("--top-k", type=int, default=0,
@@ -104,10 +110,11 @@ def run(args: argparse.Namespace) -> int:
     router_data = None
     if args.method == "router":
         router_data = {name: tf.records for name, tf in read_task_dir(args.router_data).items()}
-    student = load_student(args.student, device=args.device)
+    student = load_student(args.student, device=args.device, dtype=args.dtype, attention=args.attention)
     bank = ExpertBank.load(args.bank, student=student)
 
-    print(f"mix {args.target}: {args.method}, {args.mode} composition, {bank.num_experts} experts "
+    print(f"student {student.dtype}, "
+          f"mix {args.target}: {args.method}, {args.mode} composition, {bank.num_experts} experts "
           f"({', '.join(bank.names)}), {len(shots)} shots, budget {budget}")
     if router_data is not None:
         print(f"router data: {', '.join(f'{t} ({len(r)})' for t, r in router_data.items())}")
