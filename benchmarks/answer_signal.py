@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from modecotd_engine.engine.atomic import atomic_write_text  # noqa: E402
-from modecotd_engine.engine.data import encode_prompt, format_prompt, read_task_dir  # noqa: E402
+from modecotd_engine.engine.data import encode_prompt, format_prompt, pad_token_id, read_task_dir  # noqa: E402
 from modecotd_engine.engine.evaluate import gold_answer  # noqa: E402
 
 YES_WORDS = ("True", "Yes", "yes", "true", " True", " Yes", " yes", " true")
@@ -75,7 +75,7 @@ def answer_tokens(tokenizer) -> tuple[list[int], list[int]]:
 def scores(model, tokenizer, prompts: list[str], *, prompt_format: str, batch_size: int = 16) -> list[float]:
     """log P(yes words) - log P(no words) at the first generated position of every prompt."""
     yes, no = answer_tokens(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(prompts), batch_size):

@@ -51,11 +51,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="expert composition: output = gated sum of the experts' outputs, weight = gated sums of "
                    "their A and B matrices (LoraHub-style merge); default: a mixture file's own mode, else output")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="student dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 math (about 2x "
-                   "faster there, as in training), float32 otherwise")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto",
                    help="mixture kernel backend (auto: triton on CUDA, torch on CPU)")
+    add_precision_args(p)
+
+
+def add_precision_args(p: argparse.ArgumentParser, *, dtype_default: str = "auto", note: str = "") -> None:
+    """--dtype and --attention of the student (``load_student``'s arguments of the same names)."""
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=dtype_default,
+                   help="student dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 math (about 2x "
+                   f"faster there, as in training), float32 otherwise{note} (default: {dtype_default})")
     p.add_argument("--attention", default="auto",
                    help="student attention: auto (the engine's grouped-query matmul attention on CPU with bf16/fp16 "
                    "weights, transformers' default elsewhere), grouped, sdpa, eager")

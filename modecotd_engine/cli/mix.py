@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..engine.mixture import METHODS
+from .infer import add_precision_args
 from ..kernels.args import MODES
 
 ROUTER_DEFAULT_STEPS = 200
@@ -45,12 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--student", default=None,
                    help="student model directory (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="device for the student, e.g. cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "auto", "bfloat16", "float16"], default="float32",
-                   help="student dtype (experts and routers stay float32); auto: bfloat16 on CUDA and on CPUs with "
-                   "native bf16 math, as eval and infer use it, float32 otherwise (default: float32)")
-    p.add_argument("--attention", default="auto",
-                   help="student attention: auto (the engine's grouped-query matmul attention on CPU with bf16/fp16 "
-                   "weights, transformers' default elsewhere), grouped, sdpa, eager")
+    add_precision_args(p, dtype_default="float32",
+                       note="; the experts and routers stay float32, and float32 reproduces earlier mixtures")
     p.add_argument("--router-data", default=None,
                    help="directory of the seen tasks' training files (NAME.json/.jsonl), required by --method router")
     p.add_argument("--top-k", type=int, default=0,
